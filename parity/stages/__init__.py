@@ -1,0 +1,58 @@
+"""Per-stage parity runners.
+
+Each stage module ``cosyjax.parity.stages.<stage>`` defines ``RUNNERS``: a dict from a case group
+name (``hift``, ``hift_partial``, ...) to ``run(case, group, model) -> GroupResult``.  A group of a
+case with no runner is reported as ``not-implemented`` (a failure), never as passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+import numpy as np
+
+from cosyjax.checkpoint import ConvertedModel
+from cosyjax.parity.case import Case
+from cosyjax.parity.compare import Comparison
+
+STAGES = ("llm", "flow", "hift")
+
+
+@dataclasses.dataclass
+class GroupResult:
+    """What one group's run produced.
+
+    Attributes:
+      outputs: our arrays under the same ``<group>/<name>`` keys as the reference's.
+      comparisons: one per compared key, with the tolerance used.
+      plots: (title, key) pairs worth plotting as overlays (ours vs reference).
+    """
+
+    outputs: dict[str, np.ndarray]
+    comparisons: list[Comparison]
+    plots: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+Runner = Callable[[Case, str, ConvertedModel], GroupResult]
+
+
+def stage_of(group: str) -> str:
+    """``flow_stream_partial`` -> ``flow``."""
+    return group.split("_", 1)[0]
+
+
+def runners() -> dict[str, Runner]:
+    """Group name -> runner, gathered from the stage modules that exist."""
+    out: dict[str, Runner] = {}
+    for stage in STAGES:
+        name = f"{__name__}.{stage}"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        out.update(module.RUNNERS)
+    return out

@@ -1,0 +1,264 @@
+"""The converter: strictness, bad checkpoints, atomic output, round trip, no torch at run time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cosyjax.checkpoint import CheckpointError, load_converted
+from cosyjax.config import ConfigError
+from cosyjax.convert import convert_model, convert_to_dir
+from cosyjax.convert.common import (
+    ConversionError, Entry, apply_table, conv1d_t, fold_weight_norm, linear_t, load_state_dict, plain,
+    weight_normed)
+
+from conftest import DATA
+
+TINY = os.path.join(DATA, "tiny-a", "model")
+
+
+@pytest.fixture()
+def release(tmp_path) -> str:
+    """A writable copy of tiny-a's release directory."""
+    d = tmp_path / "model"
+    shutil.copytree(TINY, d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def converted_tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "tiny"
+    convert_to_dir(TINY, str(out), progress=False)
+    return str(out)
+
+
+# ---------------------------------------------------------------- table machinery
+def test_apply_table_reports_every_problem_at_once():
+    import jax
+
+    expected = {"a": {"kernel": jax.ShapeDtypeStruct((3, 2), np.float32)},
+                "b": {"bias": jax.ShapeDtypeStruct((4,), np.float32)},
+                "c": jax.ShapeDtypeStruct((1,), np.float32)}
+    table = [plain(("a", "kernel"), "a.weight", linear_t), plain(("b", "bias"), "b.bias"),
+             plain(("c",), "c.missing")]
+    sd = {"a.weight": np.zeros((2, 3), np.float32), "b.bias": np.zeros((5,), np.float32),
+          "extra.key": np.zeros(1, np.float32)}
+    with pytest.raises(ConversionError) as e:
+        apply_table(sd, table, expected, source="x.pt")
+    msg = str(e.value)
+    assert "x.pt" in msg
+    assert "missing keys: c.missing" in msg
+    assert "unexpected keys: extra.key" in msg
+    assert "b.bias (5,) -> b/bias (5,), expected (4,)" in msg
+
+
+def test_apply_table_fills_exactly():
+    import jax
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    expected = {"a": {"kernel": jax.ShapeDtypeStruct((3, 2), np.float32)}}
+    params = apply_table({"a.weight": w}, [plain(("a", "kernel"), "a.weight", linear_t)], expected, source="x")
+    np.testing.assert_array_equal(params["a"]["kernel"], w.T)
+
+
+def test_weight_norm_both_forms_and_fold_matches_torch():
+    import jax
+
+    conv = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(3, 5, 4))
+    sd = {k: v.detach().numpy() for k, v in conv.state_dict().items()}
+    expected = {"conv": {"kernel": jax.ShapeDtypeStruct((4, 3, 5), np.float32)}}
+    table = [weight_normed(("conv", "kernel"), "conv")]
+    sd_new = {"conv." + k: v for k, v in sd.items() if k != "bias"}
+    new = apply_table(sd_new, table, expected, source="new")
+    np.testing.assert_array_equal(new["conv"]["kernel"], conv1d_t(conv.weight.detach().numpy()))
+    legacy = {"conv.weight_g": sd["parametrizations.weight.original0"],
+              "conv.weight_v": sd["parametrizations.weight.original1"]}
+    np.testing.assert_array_equal(apply_table(legacy, table, expected, source="legacy")["conv"]["kernel"],
+                                  apply_table(sd_new, table, expected, source="new")["conv"]["kernel"])
+    g, v = sd["parametrizations.weight.original0"], sd["parametrizations.weight.original1"]
+    np.testing.assert_array_equal(fold_weight_norm(g, v), conv.weight.detach().numpy())
+
+
+# ---------------------------------------------------------------- bad checkpoint files
+def test_missing_pt(release):
+    os.remove(os.path.join(release, "flow.pt"))
+    with pytest.raises(ConversionError, match="flow.pt: checkpoint file not found"):
+        convert_model(release, progress=False)
+
+
+def test_truncated_pt(release):
+    path = os.path.join(release, "hift.pt")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match="hift.pt"):
+        convert_model(release, progress=False)
+
+
+def test_non_zip_pt(release):
+    path = os.path.join(release, "llm.pt")
+    open(path, "wb").write(b"this is not a checkpoint")
+    with pytest.raises(ConversionError, match="llm.pt: not a torch zip checkpoint"):
+        load_state_dict(path)
+
+
+class NotATensor:
+    """A pickled object of an arbitrary class: weights_only must refuse it."""
+
+
+def test_weights_only_refuses_pickled_object(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"x": NotATensor()}, path)
+    with pytest.raises(ConversionError, match="weights_only"):
+        load_state_dict(path)
+
+
+def test_non_mapping_pt(tmp_path):
+    path = str(tmp_path / "list.pt")
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(ConversionError, match="expected a state_dict"):
+        load_state_dict(path)
+
+
+def _edit_pt(path, fn):
+    sd = torch.load(path, weights_only=True)
+    fn(sd)
+    torch.save(sd, path)
+
+
+@pytest.mark.parametrize("stage,key", [("llm", "llm_decoder.weight"), ("flow", "decoder.estimator.proj_out.bias"),
+                                       ("hift", "conv_post.bias")])
+def test_missing_key_is_named(release, stage, key):
+    _edit_pt(os.path.join(release, f"{stage}.pt"), lambda sd: sd.pop(key))
+    with pytest.raises(ConversionError, match=f"missing keys: .*{key}"):
+        convert_model(release, progress=False)
+
+
+@pytest.mark.parametrize("stage", ["llm", "flow", "hift"])
+def test_unexpected_key_is_named(release, stage):
+    _edit_pt(os.path.join(release, f"{stage}.pt"), lambda sd: sd.__setitem__("surprise.weight", torch.zeros(3)))
+    with pytest.raises(ConversionError, match="unexpected keys: surprise.weight"):
+        convert_model(release, progress=False)
+
+
+@pytest.mark.parametrize("stage,key", [("llm", "speech_embedding.weight"),
+                                       ("flow", "spk_embed_affine_layer.weight"),
+                                       ("hift", "source_downs.0.weight")])
+def test_misshaped_key_is_named_with_both_shapes(release, stage, key):
+    def grow(sd):
+        t = sd[key]
+        sd[key] = torch.zeros((t.shape[0] + 1,) + tuple(t.shape[1:]))
+
+    _edit_pt(os.path.join(release, f"{stage}.pt"), grow)
+    with pytest.raises(ConversionError, match=f"shape mismatches: {key}"):
+        convert_model(release, progress=False)
+
+
+def test_yaml_missing_stage_fails_before_loading(release):
+    path = os.path.join(release, "cosyvoice3.yaml")
+    text = open(path).read().split("\nhift:")[0]
+    open(path, "w").write(text)
+    with pytest.raises(ConfigError, match="no 'hift' section"):
+        convert_model(release, progress=False)
+
+
+# ---------------------------------------------------------------- output directory
+def test_existing_output_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="output exists"):
+        convert_to_dir(TINY, str(out), progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_failed_conversion_leaves_nothing(release, tmp_path):
+    _edit_pt(os.path.join(release, "hift.pt"), lambda sd: sd.pop("conv_post.bias"))
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError):
+        convert_to_dir(release, str(out), progress=False)
+    assert not out.exists()
+    assert [p for p in os.listdir(tmp_path) if p != "model"] == []
+
+
+def test_cli_convert_errors_are_one_line(release, tmp_path):
+    _edit_pt(os.path.join(release, "flow.pt"), lambda sd: sd.pop("input_embedding.weight"))
+    r = subprocess.run([sys.executable, "-m", "cosyjax.cli", "convert", "--model-dir", release, "--out",
+                        str(tmp_path / "o"), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "input_embedding.weight" in lines[0], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- round trip
+def _torch_arrays(stage):
+    return {k: v.numpy() for k, v in torch.load(os.path.join(TINY, f"{stage}.pt"), weights_only=True).items()}
+
+
+def test_round_trip_every_array_equals_its_source(converted_tiny):
+    """Every converted param equals its torch source exactly (float32), per the stage tables."""
+    from cosyjax.convert import flow, hift, llm
+    from cosyjax.convert.common import flatten_params
+
+    model = load_converted(converted_tiny)
+    assert model.dtype == "float32"
+    for stage, module in (("llm", llm), ("flow", flow), ("hift", hift)):
+        sd = _torch_arrays(stage)
+        sd = {k.replace("generator.", ""): v for k, v in sd.items()}
+        flat = flatten_params(model.params[stage])
+        table = module.param_table(getattr(model.config, stage))
+        assert len(table) == len(flat), stage
+        for entry in table:
+            keys = next(alt for alt in (entry.keys,) + entry.alternatives if all(k in sd for k in alt))
+            want = entry.transform(*(sd[k] for k in keys))
+            got = flat[entry.path]
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, want, err_msg=f"{stage}: {entry.path}")
+            if entry.transform.__name__ in ("identity", "linear_t", "conv1d_t"):  # bijective layouts
+                assert np.array_equal(np.sort(got.ravel()), np.sort(sd[keys[0]].ravel()))
+
+
+def test_flow_noise_is_upstreams_seeded_buffer(converted_tiny):
+    model = load_converted(converted_tiny)
+    torch.manual_seed(0)
+    want = torch.randn([1, 80, 50 * 300]).numpy()
+    np.testing.assert_array_equal(model.buffers["flow_rand_noise"], want)
+
+
+def test_bfloat16_conversion(tmp_path):
+    out = convert_to_dir(TINY, str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
+    model = load_converted(out)
+    assert model.dtype == "bfloat16"
+    leaf = model.params["hift"]["conv_post"]["kernel"]
+    assert str(leaf.dtype) == "bfloat16"
+    assert model.buffers["flow_rand_noise"].dtype == np.float32
+
+
+def test_runtime_path_does_not_import_torch(converted_tiny):
+    code = (
+        "import sys\n"
+        "import cosyjax\n"
+        "from cosyjax import load_converted\n"
+        "import cosyjax.llm, cosyjax.flow, cosyjax.hift, cosyjax.nn, cosyjax.cli\n"
+        f"m = load_converted({converted_tiny!r})\n"
+        "bad = [k for k in sys.modules if k == 'torch' or k.startswith('torch.') or k.startswith('transformers')]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_load_converted_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_converted(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a converted model"):
+        load_converted(str(tmp_path / "empty"))
