@@ -68,13 +68,17 @@ def identity(x: np.ndarray) -> np.ndarray:
 
 
 def linear_t(w: np.ndarray) -> np.ndarray:
-    """torch Linear weight [out, in] -> Flax Dense kernel [in, out]."""
-    return np.ascontiguousarray(w.T)
+    """torch Linear weight [out, in] -> Flax Dense kernel [in, out].
+
+    A view, not a copy: a full-size shape check on zero-stride arrays then costs no memory, and the
+    copy happens once, when the array is saved or put on a device.
+    """
+    return w.T
 
 
 def conv1d_t(w: np.ndarray) -> np.ndarray:
-    """torch Conv1d weight [out, in/groups, k] -> channels-last kernel [k, in/groups, out]."""
-    return np.ascontiguousarray(np.transpose(w, (2, 1, 0)))
+    """torch Conv1d weight [out, in/groups, k] -> channels-last kernel [k, in/groups, out] (a view)."""
+    return np.transpose(w, (2, 1, 0))
 
 
 def fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:

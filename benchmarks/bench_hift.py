@@ -1,0 +1,143 @@
+"""HiFT vocoder speed at the release dims (base_channels 512, 8/5/3 upsampling), random weights, float32.
+
+Ours: ``hift_inference`` on a [1, T, 80] mel (default T = 500 frames = 10 s at 24 kHz), jitted and
+timed after a warm-up call of the same shape.
+Reference (with ``--reference-repo PATH``): upstream ``CausalHiFTGenerator.inference`` built from
+that checkout, holding the same weights (its own random init, converted to ours with
+``cosyjax.convert.hift.convert``) and the same noise buffers, so the two outputs are also compared.
+
+    python benchmarks/bench_hift.py [--frames 500] [--repeats 3] [--reference-repo /work/upstream]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cosyjax.config import HiftConfig  # noqa: E402
+from cosyjax.hift.generator import hift_inference, param_shapes  # noqa: E402
+from cosyjax.hift.source import HiftNoise  # noqa: E402
+
+
+def release_config() -> HiftConfig:
+    """Fun-CosyVoice3-0.5B ``hift`` section (SPEC 1.3; the release cosyvoice3.yaml)."""
+    return HiftConfig(in_channels=80, base_channels=512, nb_harmonics=8, sampling_rate=24000, nsf_alpha=0.1,
+                      nsf_sigma=0.003, nsf_voiced_threshold=10.0, upsample_rates=(8, 5, 3),
+                      upsample_kernel_sizes=(16, 11, 7), n_fft=16, hop_len=4, resblock_kernel_sizes=(3, 7, 11),
+                      resblock_dilation_sizes=((1, 3, 5),) * 3, source_resblock_kernel_sizes=(7, 7, 11),
+                      source_resblock_dilation_sizes=((1, 3, 5),) * 3, lrelu_slope=0.1, audio_limit=0.99,
+                      conv_pre_look_right=4, f0_num_class=1, f0_in_channels=80, f0_cond_channels=512)
+
+
+def upstream_model(repo: str, cfg: HiftConfig):
+    """Upstream CausalHiFTGenerator at ``cfg``'s dims, in eval mode (random init, seed 0)."""
+    import torch
+
+    sys.path.insert(0, os.path.abspath(repo))
+    from cosyvoice.hifigan.f0_predictor import CausalConvRNNF0Predictor
+    from cosyvoice.hifigan.generator import CausalHiFTGenerator
+
+    torch.manual_seed(0)
+    f0 = CausalConvRNNF0Predictor(num_class=cfg.f0_num_class, in_channels=cfg.f0_in_channels,
+                                  cond_channels=cfg.f0_cond_channels)
+    model = CausalHiFTGenerator(
+        in_channels=cfg.in_channels, base_channels=cfg.base_channels, nb_harmonics=cfg.nb_harmonics,
+        sampling_rate=cfg.sampling_rate, nsf_alpha=cfg.nsf_alpha, nsf_sigma=cfg.nsf_sigma,
+        nsf_voiced_threshold=cfg.nsf_voiced_threshold, upsample_rates=list(cfg.upsample_rates),
+        upsample_kernel_sizes=list(cfg.upsample_kernel_sizes),
+        istft_params={"n_fft": cfg.n_fft, "hop_len": cfg.hop_len},
+        resblock_kernel_sizes=list(cfg.resblock_kernel_sizes),
+        resblock_dilation_sizes=[list(d) for d in cfg.resblock_dilation_sizes],
+        source_resblock_kernel_sizes=list(cfg.source_resblock_kernel_sizes),
+        source_resblock_dilation_sizes=[list(d) for d in cfg.source_resblock_dilation_sizes],
+        lrelu_slope=cfg.lrelu_slope, audio_limit=cfg.audio_limit, conv_pre_look_right=cfg.conv_pre_look_right,
+        f0_predictor=f0)
+    return model.eval()
+
+
+def random_params(cfg: HiftConfig, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.02).astype(np.float32), param_shapes(cfg))
+
+
+def timed(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=500, help="mel frames (50 per second)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference-repo", default=None, help="upstream CosyVoice checkout to time against")
+    args = parser.parse_args()
+    cfg = release_config()
+    rng = np.random.default_rng(1)
+    mel = (rng.standard_normal((1, args.frames, cfg.in_channels)) * 2.0 - 5.0).astype(np.float32)
+    seconds = args.frames * cfg.upsample_scale / cfg.sampling_rate
+    rows = []
+
+    model = None
+    if args.reference_repo:
+        from cosyjax.convert.hift import convert
+
+        model = upstream_model(args.reference_repo, cfg)
+        state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        params = convert(state, cfg, "upstream random init")
+        samples = args.frames * cfg.upsample_scale
+        noise = HiftNoise(model.m_source.l_sin_gen.rand_ini.numpy(),
+                          model.m_source.l_sin_gen.sine_waves[:, :samples].numpy())
+    else:
+        print("no --reference-repo: timing cosyjax only (random params, noise from seed 0)")
+        params, noise = random_params(cfg), 0
+
+    def ours():
+        return np.asarray(hift_inference(params, mel, cfg=cfg, finalize=True, noise=noise))
+
+    start = time.perf_counter()
+    audio = ours()
+    compile_s = time.perf_counter() - start
+    ours_s = timed(ours, args.repeats)
+    rows.append(("cosyjax (jit, CPU f32)", ours_s, compile_s))
+
+    if model is not None:
+        import torch
+
+        mel_t = torch.from_numpy(np.transpose(mel, (0, 2, 1)).copy())
+
+        def reference():
+            with torch.inference_mode():
+                return model.inference(mel_t, finalize=True)[0].numpy()
+
+        ref_audio = reference()
+        ref_s = timed(reference, args.repeats)
+        rows.append((f"upstream torch {torch.__version__} ({torch.get_num_threads()} threads)", ref_s, None))
+        diff = np.abs(audio - ref_audio)
+        err = max(float(np.sum(diff.astype(np.float64) ** 2)), 1e-30)
+        snr = 10 * np.log10(np.sum(ref_audio.astype(np.float64) ** 2) / err)
+        print(f"same weights and noise: max |ours - upstream| = {diff.max():.3g}, SNR {snr:.1f} dB, "
+              f"shape {audio.shape}")
+
+    print(f"\nHiFT, {args.frames} mel frames -> {seconds:.1f} s of audio, {jax.devices()[0].platform}, best of "
+          f"{args.repeats}")
+    print(f"{'':42s} {'time (s)':>9s} {'x realtime':>11s} {'compile (s)':>12s}")
+    for name, t, comp in rows:
+        print(f"{name:42s} {t:9.3f} {seconds / t:11.1f} {'' if comp is None else f'{comp:.1f}':>12s}")
+    if len(rows) == 2:
+        print(f"\nupstream / cosyjax time ratio: {rows[1][1] / rows[0][1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Jitted prefill + chunked decode over a static-shape KV cache (Qwen2LM.inference_wrapper, non-vLLM).
+
+Cache layout: one {"k", "v": [B, S, K, H]} per layer, plus ``valid`` [B, S] (which slots hold a real
+token of that row), ``positions`` [B] (the rotary position the row's next token gets) and
+``end_index`` (the next slot to write, shared by all rows).  A batch of prompts of different
+lengths is right-padded to one prefill length P: row b's prompt sits in slots [0, len_b), its pad
+slots stay invalid, and decode step i writes slot P + i for every row with rotary position
+len_b + i.  So each row sees exactly its own tokens at its own positions, as if decoded alone.
+
+The loop mirrors upstream step for step: the scores for step i come from the forward of the
+previous token (or of the prompt for i = 0); a sampled id >= speech_token_size stops the row and is
+not emitted; otherwise it is emitted and fed back.  Rows stop independently; a row also stops after
+emitting max_len tokens.  For i < min_len upstream masks index speech_token_size only (SPEC 3.3).
+
+Legend: B batch, P prefill length, S cache slots, K kv heads, H head dim, D model width,
+V speech vocabulary, N tokens per chunk, W repetition window.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from cosyjax.config import LLMConfig
+from cosyjax.llm.qwen2 import build_model
+from cosyjax.llm.sampling import SamplerSettings, sample
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries between steps and chunks (all device arrays).
+
+    Attributes:
+      cache: list over layers of {"k", "v": [B, S, K, H]}.
+      valid: [B, S] bool, slots holding a real token of the row.
+      positions: [B] int32, rotary position of the row's next token.
+      end_index: int32 scalar, next cache slot to write.
+      logits: [B, V] float32 llm_decoder output that the next step samples from.
+      step: int32 scalar, decode steps taken (the same for every row: rows start together).
+      num_tokens: [B] int32, tokens emitted so far.
+      done: [B] bool.
+      stop_token: [B] int32, the stop id that ended the row, -1 otherwise.
+      recent: [B, W] int32, the last W emitted tokens (-1 where fewer), for RAS.
+      min_len, max_len: [B] int32 per-row limits (traced: no recompile when they change).
+      keys: [B] PRNG keys, one per request; step i uses ``fold_in(key, i)``, so a row's draws do not
+        depend on batching or chunking.
+    """
+
+    cache: list
+    valid: Array
+    positions: Array
+    end_index: Array
+    logits: Array
+    step: Array
+    num_tokens: Array
+    done: Array
+    stop_token: Array
+    recent: Array
+    min_len: Array
+    max_len: Array
+    keys: Array
+
+
+@flax.struct.dataclass
+class ChunkOutput:
+    """One decode chunk.
+
+    Attributes:
+      tokens: [B, N] int32; row b emitted ``tokens[b, :count[b]]`` in this chunk (-1 elsewhere).
+      count: [B] int32.
+      step_logits: [B, N, V] float32 llm_decoder output of each step run in the chunk (rows of a
+        finished row are stale), or None when not recorded.
+      steps: int32 scalar, steps run in this chunk.
+    """
+
+    tokens: Array
+    count: Array
+    step_logits: Any
+    steps: Array
+
+
+def _model(cfg: LLMConfig, params) -> Any:
+    """The module computing in the params' dtype (float32 or bfloat16)."""
+    return build_model(cfg, params["llm_decoder"]["kernel"].dtype)
+
+
+def _forward(cfg: LLMConfig, params, state: DecodeState, x: Array, new_valid: Array
+             ) -> tuple[Array, DecodeState]:
+    """Run T new tokens [B, T, D] through the transformer into slots end_index.. of the cache.
+
+    ``new_valid`` [B, T] marks which of them are real (prefill padding is not).  Returns the
+    final-normed hidden [B, T, D] and the state with cache/valid/positions/end_index advanced.
+    """
+    model = _model(cfg, params)
+    length = x.shape[1]
+    slots = state.valid.shape[1]
+    write = state.end_index
+    valid = jax.lax.dynamic_update_slice(state.valid, new_valid, (0, write))  # [B, S]
+    positions = state.positions[:, None] + jnp.arange(length, dtype=jnp.int32)  # [B, T]
+    query_slot = write + jnp.arange(length, dtype=jnp.int32)  # [T]
+    causal = jnp.arange(slots, dtype=jnp.int32)[None, :] <= query_slot[:, None]  # [T, S]
+    mask = valid[:, None, :] & causal[None]  # [B, T, S]
+    hidden, cache = model.apply({"params": params}, x, positions, mask, state.cache, write)
+    return hidden, state.replace(
+        cache=cache, valid=valid, end_index=write + length,
+        positions=state.positions + jnp.sum(new_valid, axis=1, dtype=jnp.int32))
+
+
+def _feed(cfg: LLMConfig, params, state: DecodeState, tokens: Array) -> DecodeState:
+    """Feed one speech token per row [B]; the state's logits become the next step's."""
+    model = _model(cfg, params)
+    x = model.apply({"params": params}, tokens[:, None], jnp.ones_like(tokens[:, None], bool),
+                    method=model.embed)  # [B, 1, D]
+    hidden, state = _forward(cfg, params, state, x, jnp.ones(x.shape[:2], bool))
+    logits = model.apply({"params": params}, hidden[:, 0], method=model.logits)  # [B, V]
+    return state.replace(logits=logits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "window"))
+def prefill(params, ids: Array, is_speech: Array, lengths: Array, min_len: Array, max_len: Array,
+            keys: Array, *, cfg: LLMConfig, cache_len: int, window: int) -> DecodeState:
+    """Run the prompts and build the decode state.
+
+    Args:
+      params: CosyVoice3LM params (float32 or bfloat16; the cache takes their dtype).
+      ids, is_speech: [B, P] prompt token layout (see ``lm.build_layout``), right-padded.
+      lengths: [B] int32 real prompt lengths (>= 1).
+      min_len, max_len: [B] int32 per-row limits.
+      keys: [B] PRNG keys.
+      cfg: static config.  cache_len: static S >= P.  window: static W (RAS win_size).
+    Returns:
+      DecodeState whose ``logits`` are the first step's.
+    """
+    model = _model(cfg, params)
+    batch, length = ids.shape
+    dtype = params["llm_decoder"]["kernel"].dtype
+    shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    state = DecodeState(
+        cache=[{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)],
+        valid=jnp.zeros((batch, cache_len), bool),
+        positions=jnp.zeros((batch,), jnp.int32),
+        end_index=jnp.zeros((), jnp.int32),
+        logits=jnp.zeros((batch, cfg.speech_vocab_size), jnp.float32),
+        step=jnp.zeros((), jnp.int32),
+        num_tokens=jnp.zeros((batch,), jnp.int32),
+        done=max_len <= 0,
+        stop_token=jnp.full((batch,), -1, jnp.int32),
+        recent=jnp.full((batch, window), -1, jnp.int32),
+        min_len=min_len.astype(jnp.int32),
+        max_len=max_len.astype(jnp.int32),
+        keys=keys,
+    )
+    x = model.apply({"params": params}, ids, is_speech, method=model.embed)  # [B, P, D]
+    new_valid = jnp.arange(length, dtype=jnp.int32)[None, :] < lengths[:, None]  # [B, P]
+    hidden, state = _forward(cfg, params, state, x, new_valid)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, D]
+    return state.replace(logits=model.apply({"params": params}, last, method=model.logits))
+
+
+def step_scores(cfg: LLMConfig, settings: SamplerSettings, logits: Array, step: Array, min_len: Array
+                ) -> Array:
+    """log_softmax of ``logits`` [B, V] with the min_len mask upstream applies before sampling.
+
+    While ``step < min_len`` upstream sets index speech_token_size (sos in CosyVoice3) to -inf;
+    with ``settings.mask_all_stop_ids_before_min_len`` every id >= speech_token_size is masked.
+    """
+    scores = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ids = jnp.arange(scores.shape[-1])
+    if settings.mask_all_stop_ids_before_min_len:
+        masked_ids = ids >= cfg.speech_token_size
+    else:
+        masked_ids = ids == cfg.speech_token_size
+    masked = (step < min_len)[:, None] & masked_ids[None, :]
+    return jnp.where(masked, -jnp.inf, scores)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "num_steps", "record_logits"),
+                   donate_argnames=("state",))
+def decode_chunk(params, state: DecodeState, *, cfg: LLMConfig, settings: SamplerSettings, num_steps: int,
+                 record_logits: bool = False) -> tuple[DecodeState, ChunkOutput]:
+    """Up to ``num_steps`` decode steps in one ``lax.while_loop`` (one host round-trip per chunk).
+
+    Stops early when every row is done or the cache is full.  Returns the advanced state and the
+    chunk's tokens (see ``ChunkOutput``).
+    """
+    batch = state.done.shape[0]
+    slots = state.valid.shape[1]
+    stop_id = cfg.speech_token_size
+
+    def cond(carry):
+        i, st, _, _ = carry
+        return (i < num_steps) & ~jnp.all(st.done) & (st.end_index < slots)
+
+    def body(carry):
+        i, st, tokens, logits_buf = carry
+        if record_logits:
+            logits_buf = logits_buf.at[:, i].set(st.logits)
+        scores = step_scores(cfg, settings, st.logits, st.step, st.min_len)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(st.keys, st.step)
+        token = sample(keys, scores, st.recent, settings)  # [B]
+        active = ~st.done
+        is_stop = token >= stop_id
+        emit = active & ~is_stop
+        num_tokens = st.num_tokens + emit.astype(jnp.int32)
+        tokens = tokens.at[:, i].set(jnp.where(emit, token, -1))
+        recent = jnp.where(emit[:, None], jnp.concatenate([st.recent[:, 1:], token[:, None]], axis=1),
+                           st.recent)
+        st = st.replace(
+            step=st.step + 1, num_tokens=num_tokens, recent=recent,
+            done=st.done | is_stop | (num_tokens >= st.max_len),
+            stop_token=jnp.where(active & is_stop, token, st.stop_token))
+        # Feed the emitted tokens back (finished rows feed a dummy id; their outputs are ignored).
+        st = jax.lax.cond(jnp.all(st.done), lambda s: s,
+                          lambda s: _feed(cfg, params, s, jnp.where(emit, token, 0)), st)
+        return i + 1, st, tokens, logits_buf
+
+    tokens = jnp.full((batch, num_steps), -1, jnp.int32)
+    logits_buf = (jnp.zeros((batch, num_steps, cfg.speech_vocab_size), jnp.float32) if record_logits
+                  else jnp.zeros((), jnp.float32))
+    start_tokens = state.num_tokens
+    steps, state, tokens, logits_buf = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), state, tokens, logits_buf))
+    return state, ChunkOutput(tokens=tokens, count=state.num_tokens - start_tokens,
+                              step_logits=logits_buf if record_logits else None, steps=steps)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def decode_forced(params, state: DecodeState, tokens: Array, *, cfg: LLMConfig) -> tuple[DecodeState, Array]:
+    """Teacher-forced decode through the same cache step the sampler loop uses.
+
+    Args:
+      state: from ``prefill``.
+      tokens: [B, N] int32 speech tokens fed one per step.
+    Returns:
+      (state after feeding all N, step_logits [B, N, V]) where step_logits[:, j] are the
+      llm_decoder outputs before feeding tokens[:, j] (row 0 is the prefill's).
+    """
+    def body(st, token):
+        return _feed(cfg, params, st, token), st.logits
+
+    state, logits = jax.lax.scan(body, state, tokens.T)
+    return state, jnp.swapaxes(logits, 0, 1)
