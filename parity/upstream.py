@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import logging
 import os
 import subprocess
 import sys
@@ -270,8 +271,12 @@ def import_upstream(reference_repo: str) -> UpstreamInfo:
 
     stand_ins = [name for name in _OPTIONAL if _real_or_stand_in(name)]
 
-    # cosyvoice/utils/onnx.py loads ONNX models at import time when $onnx_path is set.
+    # cosyvoice/utils/onnx.py loads ONNX models at import time when $onnx_path is set, and
+    # cosyvoice/utils/file_utils.py calls logging.basicConfig(level=DEBUG) at import time, which would
+    # flood our output with jax's debug lines: keep the root logger as it was.
     saved = os.environ.pop("onnx_path", None)
+    root = logging.getLogger()
+    root_level, root_handlers = root.level, list(root.handlers)
     try:
         for mod in ("cosyvoice.llm.llm", "cosyvoice.flow.flow", "cosyvoice.flow.flow_matching",
                     "cosyvoice.flow.DiT.dit", "cosyvoice.transformer.upsample_encoder",
@@ -284,6 +289,10 @@ def import_upstream(reference_repo: str) -> UpstreamInfo:
     finally:
         if saved is not None:
             os.environ["onnx_path"] = saved
+        for handler in list(root.handlers):
+            if handler not in root_handlers:
+                root.removeHandler(handler)
+        root.setLevel(root_level)
 
     versions = {d: v for d in ("torch", "transformers", "x-transformers", "hyperpyyaml", "einops", "omegaconf",
                                "numpy", "safetensors") if (v := _version(d)) is not None}

@@ -114,3 +114,17 @@ def test_cli_check_exit_codes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cosyjax.cli", "parity", "check", "--case", TINY_CASE, "--out",
                           str(tmp_path / "r2"), "--stages", "nonsense", "--quiet"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
+
+
+@pytest.mark.upstream
+def test_live_on_a_release_dir(tmp_path):
+    """`parity live` builds upstream from a release dir, captures every group and passes the check."""
+    repo = os.environ.get("COSYJAX_REFERENCE_REPO")
+    if not repo:
+        pytest.skip("set COSYJAX_REFERENCE_REPO to an upstream CosyVoice checkout to run upstream live")
+    from cosyjax.parity.live import run_live
+
+    report = run_live(repo, os.path.join(DATA, "tiny-b", "model"), str(tmp_path / "live"))
+    assert report["passed"], [(g["group"], g["status"]) for g in report["groups"]]
+    assert set(report["selected"]) >= {"llm", "llm_greedy", "flow", "flow_stream", "hift", "hift_partial"}
+    assert (tmp_path / "live" / "live-case.npz").is_file()
