@@ -128,3 +128,12 @@ def test_live_on_a_release_dir(tmp_path):
     assert report["passed"], [(g["group"], g["status"]) for g in report["groups"]]
     assert set(report["selected"]) >= {"llm", "llm_greedy", "flow", "flow_stream", "hift", "hift_partial"}
     assert (tmp_path / "live" / "live-case.npz").is_file()
+
+
+def test_bfloat16_check_passes_its_measured_bounds(tmp_path):
+    """bf16 conversion: each stage stays inside the bf16 bounds measured in parity/TOLERANCES.md."""
+    report = run_check(TINY_CASE, str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
+    assert report["dtype"] == "bfloat16"
+    assert report["passed"], [(g["group"], g["status"], g["worst"]) for g in report["groups"]]
+    hift = next(g for g in report["groups"] if g["group"] == "hift")
+    assert hift["min_snr_db"] >= 25.0

@@ -29,11 +29,14 @@ from cosyjax.parity.stages import GroupResult
 # magnitudes); est_out is 10 x 2 DiT evaluations on identical inputs (SPEC: <= 1e-4); est_x and
 # mel carry 10 chained Euler steps with CFG amplifying differences by 1.7 + 0.7.
 TOLERANCES = {
+    # Measured on tiny-a/tiny-b: est_out 2.5e-5 (torch's float32 exp in the time sinusoid is not
+    # correctly rounded; see cosyjax/flow/dit.py), est_x 8.3e-6, mel 8.6e-6, h/mu 1.3e-6.
     "float32": {"spk_proj": 1e-5, "h": 1e-5, "mu": 1e-5, "cond": 0.0, "noise_z": 0.0, "est_t": 0.0,
-                "est_out": 1e-4, "est_x": 1e-4, "mel": 1e-4},
+                "est_out": 1e-4, "est_x": 5e-5, "mel": 5e-5},
     # bf16 weights (rounded at conversion, run in float32): the weight rounding dominates.
-    "bfloat16": {"spk_proj": 2e-2, "h": 5e-2, "mu": 5e-2, "cond": 0.0, "noise_z": 0.0, "est_t": 0.0,
-                 "est_out": 2e-1, "est_x": 2e-1, "mel": 2e-1},
+    # Measured: spk_proj 6.8e-4, h/mu 1.3e-2, est_out 0.13, est_x 6.7e-2, mel 7.2e-2.
+    "bfloat16": {"spk_proj": 2e-3, "h": 3e-2, "mu": 3e-2, "cond": 0.0, "noise_z": 0.0, "est_t": 0.0,
+                 "est_out": 2e-1, "est_x": 1.5e-1, "mel": 1.5e-1},
 }
 
 

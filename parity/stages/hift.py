@@ -28,11 +28,12 @@ from cosyjax.parity.stages import GroupResult
 # conv_post/audio carry float32 conv accumulation-order noise (measured 4e-6 / 1.3e-6 on tiny-a).
 TOLERANCES = {
     "float32": {"f0": 1e-4, "source": 1e-6, "conv_post": 5e-5, "audio": 1e-5},
-    # bf16 weights: the f0 error (~1e-2 relative) shifts the NSF phase, which upstream accumulates
-    # to thousands of radians, so source and audio are compared only loosely and by SNR.
-    "bfloat16": {"f0": 5.0, "source": 0.3, "conv_post": 1.0, "audio": 0.5},
+    # bfloat16 conversion: the f0 predictor and the NSF merge stay float32 (checkpoint.FLOAT32_ONLY),
+    # so f0 and source keep their float32 bounds; the rest carries bf16 weight rounding.  Measured
+    # on tiny-a/tiny-b: conv_post 2.8e-2, audio 9.2e-3 with SNR >= 32.8 dB; bounds are ~2x that.
+    "bfloat16": {"f0": 1e-4, "source": 1e-6, "conv_post": 6e-2, "audio": 2e-2},
 }
-SNR_MIN_DB = {"float32": 60.0, "bfloat16": 0.0}
+SNR_MIN_DB = {"float32": 60.0, "bfloat16": 25.0}
 NAMES = ("f0", "source", "conv_post", "audio")
 
 

@@ -29,10 +29,14 @@ from cosyjax.parity.stages import GroupResult
 # for logits-like keys and 0.0077 for the bf16-rounded embeddings (|x| * 2^-8).  Exact argmax
 # agreement is only required in float32: bf16 may flip near-ties.
 TOLERANCES = {
+    # Measured on tiny-a/tiny-b (float32): hidden 2.6e-6, logits 4.7e-6, step_* 3.8e-6.  The bound leaves
+    # room for the full-size model (24 layers, 896 wide), whose logits agree with torch within 2e-5.
     "float32": {"lm_input": 0.0, "hidden": 5e-5, "logits": 5e-5, "speech_logp": 5e-5,
                 "step_logits": 5e-5, "step_scores": 5e-5},
-    "bfloat16": {"lm_input": 2e-2, "hidden": 0.25, "logits": 0.25, "speech_logp": 0.25,
-                 "step_logits": 0.25, "step_scores": 0.25},
+    # bf16 weights: measured lm_input 7.7e-3, hidden 6.5e-2, logits 0.106, speech_logp 6.1e-2,
+    # step_logits 8.3e-2, step_scores 6.1e-2.
+    "bfloat16": {"lm_input": 2e-2, "hidden": 0.15, "logits": 0.25, "speech_logp": 0.15,
+                 "step_logits": 0.2, "step_scores": 0.15},
 }
 GREEDY_CHUNK = 25  # the streaming chunk size
 # Reference arrays that are inputs to a group's run (everything else is an output we compare).
