@@ -6,7 +6,13 @@ Reference (with ``--reference-repo PATH``): upstream ``CausalHiFTGenerator.infer
 that checkout, holding the same weights (its own random init, converted to ours with
 ``cosyjax.convert.hift.convert``) and the same noise buffers, so the two outputs are also compared.
 
+Streaming section (skip with ``--stream-seconds`` and no values): the cost of one streaming chunk
+of ``--chunk-frames`` mel frames (default 200 = 100 tokens, upstream's steady-state hop) once the
+stream already holds 10 s / 30 s of audio, for the carried-state ``hift_stream_push`` (O(chunk))
+and for upstream's rerun contract ``hift_stream_step`` (vocodes all mel so far, O(total)).
+
     python benchmarks/bench_hift.py [--frames 500] [--repeats 3] [--reference-repo /work/upstream]
+                                    [--stream-seconds 10 30] [--chunk-frames 200]
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cosyjax.config import HiftConfig  # noqa: E402
-from cosyjax.hift.generator import hift_inference, param_shapes  # noqa: E402
+from cosyjax.hift.generator import hift_inference, hift_stream_step, param_shapes  # noqa: E402
 from cosyjax.hift.source import HiftNoise  # noqa: E402
+from cosyjax.hift.stream import hift_stream_init, hift_stream_push, stream_bucket, stream_plan  # noqa: E402
 
 
 def release_config() -> HiftConfig:
@@ -82,6 +89,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=500, help="mel frames (50 per second)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-repo", default=None, help="upstream CosyVoice checkout to time against")
+    parser.add_argument("--stream-seconds", type=float, nargs="*", default=[10.0, 30.0],
+                        help="audio already streamed when the timed chunk arrives (none: skip the section)")
+    parser.add_argument("--chunk-frames", type=int, default=200, help="mel frames per streaming chunk")
     args = parser.parse_args()
     cfg = release_config()
     rng = np.random.default_rng(1)
@@ -137,6 +147,56 @@ def main() -> None:
         print(f"{name:42s} {t:9.3f} {seconds / t:11.1f} {'' if comp is None else f'{comp:.1f}':>12s}")
     if len(rows) == 2:
         print(f"\nupstream / cosyjax time ratio: {rows[1][1] / rows[0][1]:.2f}")
+    if args.stream_seconds:
+        bench_stream(params, cfg, args.stream_seconds, args.chunk_frames, args.repeats)
+
+
+def bench_stream(params, cfg: HiftConfig, seconds_list, chunk: int, repeats: int) -> None:
+    """Time one streaming chunk after ``seconds`` of audio: carried state vs rerun on all mel."""
+    fps = cfg.sampling_rate / cfg.upsample_scale  # mel frames per second
+    totals = [max(chunk + stream_plan(cfg).delay + 1, int(round(s * fps))) for s in seconds_list]
+    rng = np.random.default_rng(2)
+    mel = (rng.standard_normal((1, max(totals), cfg.in_channels)) * 2.0 - 5.0).astype(np.float32)
+    key = jax.random.PRNGKey(0)
+    bucket = stream_bucket(chunk)
+    chunk_s = chunk * cfg.upsample_scale / cfg.sampling_rate
+    rows = []
+    for total in totals:
+        # Carried state: reach total - chunk frames in chunks, then time the next chunk from that state.
+        state, pos = hift_stream_init(cfg, 1, key), 0
+        start = time.perf_counter()
+        while pos < total - chunk:
+            step = min(chunk, total - chunk - pos)
+            state, _ = hift_stream_push(params, state, mel[:, pos:pos + step], cfg=cfg, bucket=bucket)
+            pos += step
+        jax.block_until_ready(state)
+        warm_s = time.perf_counter() - start
+
+        def carried():
+            return np.asarray(hift_stream_push(params, state, mel[:, pos:total], cfg=cfg, bucket=bucket)[1])
+
+        new = carried()
+        carried_s = timed(carried, repeats)
+        emitted = int(np.asarray(state.emitted)[0])
+
+        def rerun():
+            return np.asarray(hift_stream_step(params, mel[:, :total], emitted, cfg=cfg, finalize=False, noise=key)[0])
+
+        start = time.perf_counter()
+        old = rerun()
+        rerun_first = time.perf_counter() - start
+        rerun_s = timed(rerun, repeats)
+        err = float(np.abs(new - old).max())
+        rows.append((total, carried_s, rerun_s, err, new.shape[1], warm_s, rerun_first))
+    print(f"\nStreaming: one chunk of {chunk} mel frames ({chunk_s:.1f} s of audio, bucket {bucket}) arriving after "
+          f"T frames, best of {repeats}")
+    print(f"{'T (audio so far)':>18s} {'carried (s)':>12s} {'rerun (s)':>10s} {'rerun/carried':>14s} "
+          f"{'carried x RT':>13s} {'max|diff|':>10s} {'samples':>8s}")
+    for total, c_s, r_s, err, n, _, _ in rows:
+        print(f"{total:>7d} ({total / fps:5.1f} s) {c_s:12.3f} {r_s:10.3f} {r_s / c_s:14.1f} {chunk_s / c_s:13.1f} "
+              f"{err:10.2e} {n:8d}")
+    firsts = ", ".join(f"{r[6]:.1f}" for r in rows)
+    print(f"(first calls incl. compile: carried warm-up {rows[0][5]:.1f} s, rerun {firsts} s)")
 
 
 if __name__ == "__main__":

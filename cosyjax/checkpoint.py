@@ -59,16 +59,23 @@ class ConvertedModel:
 FLOAT32_ONLY = (("hift", "f0_predictor"), ("hift", "m_source"))
 
 
-def _cast(tree: Any, dtype: str, path: tuple[str, ...] = ()) -> Any:
+def cast_params(tree: Any, dtype: str, path: tuple[str, ...] = ()) -> Any:
+    """Cast the float leaves of a params tree to ``dtype`` ("float32" or "bfloat16"), as numpy.
+
+    ``path`` is the tree's position under the top level (e.g. ``("hift",)``), so subtrees listed in
+    ``FLOAT32_ONLY`` stay float32 in a bfloat16 cast.
+    """
     if isinstance(tree, Mapping):
-        return {k: _cast(v, dtype, path + (k,)) for k, v in tree.items()}
+        return {k: cast_params(v, dtype, path + (k,)) for k, v in tree.items()}
     arr = np.asarray(tree)
+    if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
+        return arr
     keep = any(path[:len(prefix)] == prefix for prefix in FLOAT32_ONLY)
-    if dtype == "bfloat16" and not keep and np.issubdtype(arr.dtype, np.floating):
+    if dtype == "bfloat16" and not keep:
         import ml_dtypes
 
         return arr.astype(ml_dtypes.bfloat16)
-    return arr
+    return arr.astype(np.float32)
 
 
 def save_converted(out_dir: str, model: ConvertedModel, *, overwrite: bool = False) -> str:
@@ -87,7 +94,7 @@ def save_converted(out_dir: str, model: ConvertedModel, *, overwrite: bool = Fal
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        tree = {"params": _cast(model.params, model.dtype), "buffers": _cast(model.buffers, "float32")}
+        tree = {"params": cast_params(model.params, model.dtype), "buffers": cast_params(model.buffers, "float32")}
         ckpt = ocp.PyTreeCheckpointer()
         ckpt.save(os.path.join(tmp, PARAMS_DIR), tree)
         meta = {"format": FORMAT, "dtype": model.dtype, "model": model.config.to_dict(), "source": dict(model.source)}

@@ -1,6 +1,7 @@
 """``cosyjax`` command line: thin argument parsing over the library.
 
 Commands:
+  cosyjax tts --text T [--prompt-wav W --prompt-text P] [--mode ...] [--stream] [--seed N] -o out.wav
   cosyjax convert --model-dir M --out O [--dtype float32|bfloat16] [--overwrite]
   cosyjax parity check --case DIR --out REPORT_DIR [--stages llm,flow,hift]
   cosyjax parity make-case --reference-repo PATH --config CONFIG.yaml --seed N --out DIR
@@ -14,6 +15,9 @@ import sys
 from typing import Sequence
 
 EXAMPLES = """examples:
+  cosyjax tts --text "Hello world." --prompt-wav prompt.wav \\
+      --prompt-text "You are a helpful assistant.<|endofprompt|>Transcript of prompt.wav." -o out.wav
+  cosyjax tts --model-dir tests/data/tiny-release --text "Hello world." --prompt-wav p.wav --stream -o out.wav
   cosyjax convert --model-dir pretrained_models/Fun-CosyVoice3-0.5B --out converted/cv3
   cosyjax parity check --case tests/data/tiny-a --out /tmp/report --stages hift
   cosyjax parity make-case --reference-repo ~/src/CosyVoice --config tests/data/configs/tiny-b.yaml \\
@@ -26,7 +30,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cosyjax.checkpoint import CheckpointError
     from cosyjax.config import ConfigError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError]
+    from cosyjax.pipeline import HubError
+
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError, HubError, ValueError,
+                                         KeyError]
     try:  # these packages need torch; without it the commands that use them fail earlier
         from cosyjax.convert.common import ConversionError
         from cosyjax.parity.case import CaseError
@@ -36,6 +43,79 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
+
+
+DEFAULT_MARKER_PREFIX = "You are a helpful assistant.<|endofprompt|>"
+
+
+def _mode(args: argparse.Namespace) -> str:
+    if args.mode != "auto":
+        return args.mode
+    if args.source_wav:
+        return "vc"
+    if args.instruct_text:
+        return "instruct2"
+    return "zero_shot" if args.prompt_text else "cross_lingual"
+
+
+def _cmd_tts(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+    import time
+
+    import numpy as np
+    import soundfile
+
+    from cosyjax.pipeline import CosyVoice3
+
+    mode = _mode(args)
+    if mode != "vc" and not (args.text and args.text.strip()):
+        raise ValueError("--text is empty")
+    if not args.prompt_wav:
+        raise ValueError("--prompt-wav is required (the voice to clone)")
+    if mode == "zero_shot" and not args.prompt_text:
+        raise ValueError("zero_shot mode needs --prompt-text (the transcript of --prompt-wav)")
+    if mode == "instruct2" and not args.instruct_text:
+        raise ValueError("instruct2 mode needs --instruct-text")
+    if mode == "vc" and not args.source_wav:
+        raise ValueError("vc mode needs --source-wav")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"{out_dir}: output directory does not exist")
+    tts = CosyVoice3.from_pretrained(args.model_dir, dtype=args.dtype, backend=args.backend,
+                                     converted_dir=args.converted_dir)
+    text = args.text
+    if mode == "cross_lingual" and "<|endofprompt|>" not in text:
+        text = DEFAULT_MARKER_PREFIX + text  # CosyVoice3's cross-lingual text carries the prompt marker
+    kw = dict(stream=args.stream, speed=args.speed)
+    if mode == "zero_shot":
+        gen = tts.inference_zero_shot(text, args.prompt_text, args.prompt_wav, seed=args.seed, **kw)
+    elif mode == "cross_lingual":
+        gen = tts.inference_cross_lingual(text, args.prompt_wav, seed=args.seed, **kw)
+    elif mode == "instruct2":
+        gen = tts.inference_instruct2(text, args.instruct_text, args.prompt_wav, seed=args.seed, **kw)
+    else:
+        gen = tts.inference_vc(args.source_wav, args.prompt_wav, **kw)
+    chunks, start = [], time.perf_counter()
+    for i, out in enumerate(gen):
+        chunks.append(np.asarray(out["tts_speech"], np.float32).reshape(-1))
+        if args.stream:
+            print(f"chunk {i}: {chunks[-1].size / tts.sample_rate:.2f} s at {time.perf_counter() - start:.2f} s")
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if audio.size == 0:  # e.g. the LLM chose a stop token at once: write nothing rather than an empty file
+        raise ValueError("the model produced no audio for this input; nothing was written")
+    fd, tmp = tempfile.mkstemp(suffix=".wav", dir=out_dir)
+    os.close(fd)
+    try:
+        soundfile.write(tmp, audio, tts.sample_rate, subtype="PCM_16")
+        os.replace(tmp, args.output)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    seconds = audio.size / tts.sample_rate
+    elapsed = time.perf_counter() - start
+    print(f"wrote {args.output}: {seconds:.2f} s of audio in {elapsed:.2f} s (RTF {elapsed / seconds:.3f})")
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -88,6 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosyjax", description="CosyVoice3 in JAX/Flax.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tts", help="synthesise speech (zero-shot, cross-lingual, instruct2, voice conversion)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default="FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
+                   help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
+    p.add_argument("--text", default="", help="text to speak")
+    p.add_argument("--prompt-wav", help="recording of the voice to clone (wav/flac/ogg)")
+    p.add_argument("--prompt-text", help="zero-shot: transcript of --prompt-wav, after '<|endofprompt|>'")
+    p.add_argument("--instruct-text", help="instruct2: the instruction, ending with '<|endofprompt|>'")
+    p.add_argument("--source-wav", help="vc: the speech to convert into the prompt's voice")
+    p.add_argument("--mode", default="auto", choices=["auto", "zero_shot", "cross_lingual", "instruct2", "vc"])
+    p.add_argument("--stream", action="store_true", help="stream (upstream's chunk schedule), print chunk times")
+    p.add_argument("--speed", type=float, default=1.0, help="speaking rate (non-stream only)")
+    p.add_argument("--seed", type=int, default=0, help="one PRNG key per request: same seed, same audio")
+    p.add_argument("--converted-dir", default=None,
+                   help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
+    p.add_argument("-o", "--output", required=True, help="output wav (24 kHz, written atomically)")
+    p.set_defaults(func=_cmd_tts)
 
     p = sub.add_parser("convert", help="convert a release directory (PyTorch .pt) to a JAX checkpoint",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -30,7 +30,9 @@ special tokens (upstream adds them all) the text vocabulary is grown:
 * in ``llm.pt`` the rows of ``llm.model.model.embed_tokens.weight`` and ``llm.model.lm_head.weight``
   (tied: one tensor) are the source rows followed by seeded N(0, initializer_range) rows; every other
   tensor is the source's; ``model.safetensors`` gets the same embedding. With the source's 512 rows and
-  its tokenizer of 601 ids, the text vocabulary becomes 640.
+  its tokenizer of 601 ids, the text vocabulary becomes 640;
+* ``llm_decoder.weight``: speech rows x4, eos and unused-special rows zeroed (``speaking_decoder``), so
+  the random LLM samples speech tokens instead of a stop id at the first step.
 
 ONNX stand-ins (opset 17, IR 8, so onnxruntime >= 1.14 loads them). Names, shapes and dtypes follow
 the way upstream's frontend feeds the real models (it reads the names from the session; the real names
@@ -72,6 +74,7 @@ QWEN_ADDED_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 VOCAB_MULTIPLE = 64
+SPEECH_ROW_GAIN = 4.0  # llm_decoder speech rows (see speaking_decoder)
 WHISPER_MELS = 128
 TOKEN_HOP_FRAMES = 4  # 100 Hz whisper frames -> 25 Hz tokens
 FBANK_BINS = 80
@@ -216,11 +219,29 @@ def _grow_rows(table: np.ndarray, rows: int, std: float, rng: np.random.Generato
     return np.concatenate([table, extra], axis=0)
 
 
-def write_llm(source: str, dest: str, vocab_size: int, std: float, seed: int) -> None:
-    """Copy llm.pt, growing the (tied) Qwen text embedding / lm_head to ``vocab_size`` rows."""
+def speaking_decoder(weight: np.ndarray, speech_token_size: int) -> np.ndarray:
+    """``llm_decoder.weight`` rescaled so the random tiny LLM speaks instead of stopping at once.
+
+    With random rows, 199 of the ``speech_token_size + 200`` outputs are stop ids (eos and the unused
+    specials, all >= speech_token_size + 1), so a sampled decode ends within a step or two and the tiny
+    release would produce no audio. Their rows are zeroed (logit 0) and the speech rows scaled by
+    ``SPEECH_ROW_GAIN``; the sos row (speech_token_size), masked for min_len steps by upstream's quirk,
+    is kept, so decoding can still end by a token before max_len.
+    """
+    out = weight.copy()
+    out[:speech_token_size] *= SPEECH_ROW_GAIN
+    out[speech_token_size + 1:] = 0.0
+    return out
+
+
+def write_llm(source: str, dest: str, vocab_size: int, std: float, seed: int, speech_token_size: int) -> None:
+    """Copy llm.pt, growing the (tied) Qwen text embedding / lm_head to ``vocab_size`` rows and
+    rescaling ``llm_decoder.weight`` with ``speaking_decoder``."""
     import torch
 
     state = torch.load(source, map_location="cpu", weights_only=True)
+    state["llm_decoder.weight"] = torch.from_numpy(speaking_decoder(state["llm_decoder.weight"].numpy(),
+                                                                    speech_token_size))
     embed_key, head_key = "llm.model.model.embed_tokens.weight", "llm.model.lm_head.weight"
     embed = state[embed_key]
     if embed.shape[0] < vocab_size:
@@ -283,7 +304,8 @@ def build(source: str, out_dir: str, seed: int = 0) -> dict:
         with open(os.path.join(qwen_dir, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump(gen, f, indent=2, sort_keys=True)
             f.write("\n")
-    write_llm(os.path.join(source, "llm.pt"), os.path.join(out_dir, "llm.pt"), vocab_size, std, seed)
+    write_llm(os.path.join(source, "llm.pt"), os.path.join(out_dir, "llm.pt"), vocab_size, std, seed,
+              cfg.llm.speech_token_size)
     safetensors_path = os.path.join(source, QWEN_DIR, "model.safetensors")
     if os.path.isfile(safetensors_path):
         write_safetensors(safetensors_path, os.path.join(qwen_dir, "model.safetensors"), vocab_size, std, seed)

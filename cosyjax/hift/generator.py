@@ -31,8 +31,8 @@ Streaming.  ``hift_stream_step`` reproduces upstream's streaming contract (``Cos
 samples past those already emitted; the last call uses ``finalize=True``.  Because everything is
 causal past the look-ahead, the emitted samples equal the offline ``finalize=True`` result's (up to
 float32 rounding of different buffer sizes).  A carried-state version (conv caches per layer, the
-running phase sum, STFT/iSTFT overlap tails) is possible and would make each step O(chunk) instead
-of O(all mel); it is not implemented.  It could differ from upstream where upstream recomputes
+running phase sum, STFT/iSTFT overlap tails) makes each step O(chunk) instead of O(all mel): see
+``cosyjax.hift.stream`` (``hift_stream_init`` / ``hift_stream_push``).  It could differ from upstream where upstream recomputes
 from t = 0: the phase cumsum (upstream re-accumulates from frame 0 in float64 and rounds each
 entry to float32; a carry must keep the float64 running sum, not the float32 phase, or the sines
 drift by up to ~1e-4), and the f0 net, which upstream reruns in float64 on the whole prefix.

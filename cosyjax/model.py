@@ -1,0 +1,599 @@
+"""Model orchestration: speech-token ids + prompt features -> waveform chunks.
+
+The JAX counterpart of upstream ``cosyvoice/cli/model.py::CosyVoice3Model`` (whose ``tts`` is
+``CosyVoice2Model.tts``), working on token ids and prompt features; the text/audio frontend is
+elsewhere.  ``CosyVoice3Model.tts`` is a generator of ``{"tts_speech": np.ndarray [1, samples]}``:
+
+Non-stream (SPEC 8.1), one yield per call::
+
+    tokens = LLM to completion (silent-token filter applied)
+    mel    = flow(tokens, streaming=False, finalize=True)
+    mel    = linear-interpolate to int(T / speed) frames          (speed != 1 only)
+    wav    = hift(mel, finalize=True)
+
+Stream (SPEC 8.2), upstream's hop schedule::
+
+    base = static_chunk_size // token_mel_ratio   (25 for the release: one DiT chunk of 50 frames)
+    hop  = base; pad = ceil(P / hop) * hop - P    (P = flow prompt tokens; aligns hops to DiT chunks)
+    loop: this = hop + (pad if offset == 0 else 0)
+          if len(tokens) - offset >= this + pre_lookahead_len:
+              mel = flow(tokens[:offset + this + lookahead], streaming=True, finalize=False)
+              M  += mel[ratio * offset:]; yield hift(M, finalize=False)[emitted:]
+              offset += this; hop = min(max_hop, scale * hop)
+          if llm done and len(tokens) - offset < this + lookahead: break
+    final: M += flow(all tokens, streaming=False, finalize=True)[ratio * offset:]
+           yield hift(M, finalize=True)[emitted:]
+
+Upstream quirks reproduced by default, each behind an option:
+
+- ``upstream_hop_quirk=True``: upstream keeps the hop in an *instance* attribute that is never
+  reset, so on one model the first stream request runs hops base+pad, 2 base, 4 base, ... and every
+  later request starts where the previous one stopped (4 base = 100 for the release), with the pad
+  computed against that hop.  Its break test also uses the hop just processed (stale), which only
+  matters when the first hop (max + pad) exceeds the next.  ``False`` gives every request the fresh
+  schedule and tests with the current hop.
+- ``silent_filter=True``: ``CosyVoiceModel.llm_job`` drops silent/breath tokens
+  (``SILENT_TOKENS``) from the flow input once a run of them exceeds ``MAX_SILENT_RUN`` (5); the LLM
+  still saw them (our decode loop feeds every sampled token back, as upstream's).  The counter is
+  reset only by a non-silent token, so in a run of 8, tokens 6..8 are dropped.
+
+Voice conversion (``source_speech_tokens``) skips the LLM and the filter (upstream ``vc_job``), and
+the flow prompt is used as given, without the 2:1 token/frame trim of zero-shot (SPEC 6).
+``forced_tokens`` replaces the LLM's output (filter applied, like upstream's llm_job) for parity.
+
+Randomness: one PRNG key per request drives the LLM sampler, and decode step i uses
+``fold_in(key, i)``, so the tokens do not depend on how the decode is chunked: stream and
+non-stream calls with the same key produce the same tokens.  The flow noise is the converted
+model's fixed buffer and the HiFT source noise is fixed per model (``hift_noise``), as upstream's
+construction-time buffers are.
+
+Incremental streaming (computing each flow chunk once with a per-layer, per-Euler-step K/V cache
+instead of re-running the flow on the growing prefix) is not implemented: every hop re-runs the
+flow from t = 0 as upstream does.  ``stream_seams`` measures how far stream output is from offline.
+
+Legend: B batch, N tokens, T mel frames, C mel bins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cosyjax.checkpoint import ConvertedModel, cast_params
+from cosyjax.config import ModelConfig
+from cosyjax.flow.flow import flow_inference
+from cosyjax.hift.generator import hift_inference, hift_stream_step
+from cosyjax.hift.source import HiftNoise
+from cosyjax.hift.stream import hift_stream_init, hift_stream_push
+from cosyjax.llm import lm
+from cosyjax.llm.sampling import SamplerSettings
+
+# CosyVoice3Model.silent_tokens: FSQ codes of silence and breath.
+SILENT_TOKENS = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)
+MAX_SILENT_RUN = 5  # CosyVoiceModel.llm_job: max_silent_token_num
+# CosyVoice2Model.__init__: token_max_hop_len = 4 * token_hop_len, stream_scale_factor = 2.
+MAX_HOP_FACTOR = 4
+STREAM_SCALE_FACTOR = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces
+# --------------------------------------------------------------------------------------------
+class SilentTokenFilter:
+    """Upstream ``llm_job``'s filter: silent tokens past a run of ``max_run`` do not reach the flow."""
+
+    def __init__(self, silent_tokens: Sequence[int] = SILENT_TOKENS, max_run: int = MAX_SILENT_RUN,
+                 enabled: bool = True):
+        self.silent = frozenset(int(t) for t in silent_tokens)
+        self.max_run = max_run
+        self.enabled = enabled
+        self.run = 0
+
+    def __call__(self, tokens: Sequence[int]) -> list[int]:
+        """Feed tokens in LLM order; returns those passed to the flow."""
+        kept = []
+        for t in tokens:
+            t = int(t)
+            if self.enabled and t in self.silent:
+                self.run += 1
+                if self.run > self.max_run:
+                    continue
+            else:
+                self.run = 0
+            kept.append(t)
+        return kept
+
+
+def interpolate_linear(mel: np.ndarray, size: int) -> np.ndarray:
+    """``F.interpolate(mel, size=size, mode='linear', align_corners=False)`` along time.
+
+    Args:
+      mel: [B, T, C] float32 (time-major).  size: output frames (>= 1).
+    Returns:
+      [B, size, C] float32.  Like torch's CPU kernel, the scale T/size and the source positions are
+      float32 (negative ones clamp to 0).
+    """
+    t_in = mel.shape[1]
+    scale = np.float32(t_in) / np.float32(size)
+    # torch's CPU kernel is compiled with fused multiply-adds: src = fma(scale, i + 0.5, -0.5) and
+    # out = fma(l0, x0, l1 * x1).  float32 products are exact in float64, so evaluating those in
+    # float64 and rounding once reproduces torch's bits (checked in tests/test_model.py).
+    half = np.arange(size, dtype=np.float32) + np.float32(0.5)
+    src = (half.astype(np.float64) * np.float64(scale) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(src.astype(np.int64), t_in - 1)
+    i1 = np.minimum(i0 + 1, t_in - 1)
+    lam1 = (src - i0.astype(np.float32)).astype(np.float32)
+    lam0 = (np.float32(1.0) - lam1).astype(np.float32)
+    mel = np.asarray(mel, np.float32)
+    second = (lam1[None, :, None] * mel[:, i1]).astype(np.float32)
+    out = lam0[None, :, None].astype(np.float64) * mel[:, i0] + second
+    return out.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class HopSchedule:
+    """Stream hop sizes in tokens, from the config (release: base 25, max 100, x2 per hop).
+
+    Attributes:
+      base: first hop = static_chunk_size // token_mel_ratio (one DiT attention chunk).
+      max_hop: base * MAX_HOP_FACTOR.
+      scale: hop growth factor per processed hop.
+      lookahead: flow pre_lookahead_len tokens held back as right context.
+      token_mel_ratio: mel frames per token.
+    """
+
+    base: int
+    max_hop: int
+    scale: int
+    lookahead: int
+    token_mel_ratio: int
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, max_hop_factor: int = MAX_HOP_FACTOR,
+                    scale: int = STREAM_SCALE_FACTOR) -> "HopSchedule":
+        flow = config.flow
+        if flow.static_chunk_size % flow.token_mel_ratio:
+            raise ValueError(f"static_chunk_size={flow.static_chunk_size} is not a multiple of "
+                             f"token_mel_ratio={flow.token_mel_ratio}: stream hops cannot align to DiT chunks")
+        base = flow.static_chunk_size // flow.token_mel_ratio
+        if base < 1 or max_hop_factor < 1 or scale < 1:
+            raise ValueError(f"hop schedule: base={base}, max_hop_factor={max_hop_factor}, scale={scale} must be >= 1")
+        return cls(base, base * max_hop_factor, scale, flow.pre_lookahead_len, flow.token_mel_ratio)
+
+    def pad(self, hop: int, num_prompt_tokens: int) -> int:
+        """Tokens added to the first hop so prompt + first hop is a multiple of ``hop``."""
+        return int(math.ceil(num_prompt_tokens / hop) * hop - num_prompt_tokens)
+
+    def next_hop(self, hop: int) -> int:
+        return min(self.max_hop, hop * self.scale)
+
+
+@dataclasses.dataclass
+class Request:
+    """One validated request (host arrays).  See ``CosyVoice3Model.tts`` for the fields."""
+
+    text: tuple[int, ...]
+    prompt_text: tuple[int, ...]
+    llm_prompt_speech: tuple[int, ...]
+    flow_prompt_speech: np.ndarray  # [P] int
+    prompt_feat: np.ndarray  # [F1, C] float32
+    embedding: np.ndarray  # [E] float32
+    forced_tokens: np.ndarray | None  # [N] int (LLM output stand-in)
+    source_speech: np.ndarray | None  # [N] int (voice conversion)
+    speed: float
+    key: Any
+
+    @property
+    def uses_llm(self) -> bool:
+        return self.forced_tokens is None and self.source_speech is None
+
+
+def _ids(name: str, value: Any) -> np.ndarray:
+    arr = np.asarray(value if value is not None else (), dtype=None)
+    if arr.ndim == 2 and arr.shape[0] == 1:  # upstream passes (1, L)
+        arr = arr[0]
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected 1-D token ids (or (1, L)), found shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name}: expected integer token ids, found dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _as_key(key: Any) -> jax.Array:
+    """A typed PRNG key from a typed key, a raw uint32[2] key or an int seed."""
+    if key is None:
+        return jax.random.key(0)
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"key: expected one PRNG key, found shape {key.shape}")
+        return key
+    arr = np.asarray(key)
+    if arr.shape == (2,) and arr.dtype == np.uint32:
+        return jax.random.wrap_key_data(jnp.asarray(arr))
+    raise ValueError(f"key: expected an int seed, jax.random.key(...) or a uint32[2] PRNGKey, found {key!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+class CosyVoice3Model:
+    """CosyVoice3 on token ids: LLM -> flow -> HiFT, non-stream and stream (upstream's contract).
+
+    Args:
+      converted: params, buffers and config (``cosyjax.checkpoint.ConvertedModel``).
+      dtype: None keeps the converted storage dtype; "float32" or "bfloat16" casts the params (the
+        LLM computes in its params' dtype; flow and HiFT always compute in float32).
+      sampler: LLM sampler settings; default RAS with the release's ``sampling`` section.
+      hift_noise: the HiFT source's random buffers, fixed for the model like upstream's
+        construction-time ``torch.rand`` buffers: None (seed 0), an int seed, a key or ``HiftNoise``.
+      upstream_hop_quirk: reproduce upstream's never-reset stream hop (see the module docstring).
+      silent_filter, silent_tokens, max_silent_run: upstream's silent-token filter.
+      max_hop_factor, stream_scale_factor: hop growth (upstream literals 4 and 2).
+      f0_float64: HiFT f0 net in float64 like upstream.
+      hift_carry: stream the vocoder with carried state (``cosyjax.hift.stream``: O(chunk) work per hop;
+        equal to the re-run bit for bit before the last chunk, 8.4e-7 at most in it). False re-runs
+        the vocoder on all mel so far at every hop, as upstream does (O(total) per hop).
+    """
+
+    def __init__(self, converted: ConvertedModel, dtype: str | None = None, *,
+                 sampler: SamplerSettings | None = None, hift_noise: Any = None,
+                 upstream_hop_quirk: bool = True, silent_filter: bool = True,
+                 silent_tokens: Sequence[int] = SILENT_TOKENS, max_silent_run: int = MAX_SILENT_RUN,
+                 max_hop_factor: int = MAX_HOP_FACTOR, stream_scale_factor: int = STREAM_SCALE_FACTOR,
+                 f0_float64: bool = True, hift_carry: bool = True):
+        if dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"dtype={dtype!r}: expected None, 'float32' or 'bfloat16'")
+        for stage in ("llm", "flow", "hift"):
+            if stage not in converted.params:
+                raise ValueError(f"converted model has no {stage!r} params")
+        if "flow_rand_noise" not in converted.buffers:
+            raise ValueError("converted model has no 'flow_rand_noise' buffer")
+        self.config = converted.config
+        self.dtype = dtype or converted.dtype
+        # float leaves take the compute dtype, except checkpoint.FLOAT32_ONLY (the HiFT f0 path)
+        self.params = {stage: jax.tree.map(jnp.asarray, cast_params(converted.params[stage], self.dtype, (stage,)))
+                       for stage in ("llm", "flow", "hift")}
+        self.flow_noise = np.asarray(converted.buffers["flow_rand_noise"], np.float32)
+        self.sampler = sampler or SamplerSettings.from_config(self.config.llm.sampling)
+        self.hift_noise = hift_noise
+        if isinstance(hift_noise, HiftNoise):
+            self.hift_noise = HiftNoise(np.asarray(hift_noise.rand_ini, np.float32),
+                                        np.asarray(hift_noise.uniform, np.float32))
+        self.schedule = HopSchedule.from_config(self.config, max_hop_factor, stream_scale_factor)
+        self.upstream_hop_quirk = upstream_hop_quirk
+        self.silent_filter = silent_filter
+        self.silent_tokens = tuple(int(t) for t in silent_tokens)
+        self.max_silent_run = max_silent_run
+        self.f0_float64 = f0_float64
+        self.hift_carry = hift_carry
+        # upstream's instance attribute self.token_hop_len (only used with upstream_hop_quirk)
+        self.token_hop_len = self.schedule.base
+        # What the last request did (for tests and parity): "llm_tokens", "flow_tokens" [N] and
+        # "flow_calls" [K, 3] = (target tokens, streaming, finalize) per flow call.
+        self.last_trace: dict[str, np.ndarray] = {}
+        self._flow_calls: list[tuple[int, int, int]] = []
+
+    # ---------------------------------------------------------------- validation
+    def _request(self, text_ids, prompt_text_ids, llm_prompt_speech_tokens, flow_prompt_speech_tokens,
+                 prompt_feat, embedding, source_speech_tokens, forced_tokens, speed, key, stream) -> Request:
+        cfg = self.config
+        c = cfg.flow.output_size
+        text = _ids("text_ids", text_ids)
+        prompt_text = _ids("prompt_text_ids", prompt_text_ids)
+        llm_prompt = _ids("llm_prompt_speech_tokens", llm_prompt_speech_tokens)
+        flow_prompt = _ids("flow_prompt_speech_tokens", flow_prompt_speech_tokens)
+        source = None if source_speech_tokens is None else _ids("source_speech_tokens", source_speech_tokens)
+        forced = None if forced_tokens is None else _ids("forced_tokens", forced_tokens)
+        if source is not None and forced is not None:
+            raise ValueError("give either source_speech_tokens (voice conversion) or forced_tokens, not both")
+        if source is not None and source.size == 0:
+            raise ValueError("source_speech_tokens is empty: voice conversion needs source tokens")
+        if forced is not None and forced.size == 0:
+            raise ValueError("forced_tokens is empty")
+        if source is None and forced is None:
+            req = lm.LMRequest(tuple(int(t) for t in text), tuple(int(t) for t in prompt_text),
+                               tuple(int(t) for t in llm_prompt))
+            lm.validate_request(cfg.llm, req)  # empty text / id ranges
+        for name, ids in (("flow_prompt_speech_tokens", flow_prompt), ("forced_tokens", forced),
+                          ("source_speech_tokens", source)):
+            if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.flow.vocab_size):
+                raise ValueError(f"{name}: ids must lie in [0, {cfg.flow.vocab_size}), found "
+                                 f"[{int(ids.min())}, {int(ids.max())}]")
+        feat = np.zeros((0, c), np.float32) if prompt_feat is None else np.asarray(prompt_feat)
+        if feat.ndim == 3 and feat.shape[0] == 1:
+            feat = feat[0]
+        if feat.ndim != 2 or feat.shape[1] != c:
+            raise ValueError(f"prompt_feat: expected [frames, {c}] time-major mel, found shape {feat.shape}")
+        if not np.isfinite(feat).all():
+            raise ValueError("prompt_feat: contains NaN or inf")
+        if embedding is None:
+            raise ValueError(f"embedding: required, a [{cfg.flow.spk_embed_dim}] speaker embedding")
+        emb = np.asarray(embedding, np.float32)
+        if emb.ndim == 2 and emb.shape[0] == 1:
+            emb = emb[0]
+        if emb.shape != (cfg.flow.spk_embed_dim,):
+            raise ValueError(f"embedding: expected shape ({cfg.flow.spk_embed_dim},), found {np.shape(embedding)}")
+        if not np.isfinite(emb).all():
+            raise ValueError("embedding: contains NaN or inf")
+        if not (isinstance(speed, (int, float)) and not isinstance(speed, bool) and speed > 0 and math.isfinite(speed)):
+            raise ValueError(f"speed={speed!r}: expected a positive number")
+        if stream and speed != 1.0:
+            # upstream: assert token_offset == 0 and finalize is True, 'speed change only support non-stream ...'
+            raise ValueError(f"speed={speed} is only supported with stream=False (upstream asserts this)")
+        return Request(tuple(int(t) for t in text), tuple(int(t) for t in prompt_text),
+                       tuple(int(t) for t in llm_prompt), flow_prompt, feat.astype(np.float32), emb,
+                       forced, source, float(speed), _as_key(key))
+
+    # ---------------------------------------------------------------- stages
+    def _filter(self, vc: bool) -> SilentTokenFilter:
+        return SilentTokenFilter(self.silent_tokens, self.max_silent_run, enabled=self.silent_filter and not vc)
+
+    def _token_source(self, req: Request, chunk: int) -> Iterator[tuple[np.ndarray, bool]]:
+        """Yields (new LLM-output tokens, llm done) in decode order; one jitted chunk per item."""
+        if req.source_speech is not None:
+            yield req.source_speech, True
+            return
+        if req.forced_tokens is not None:
+            yield req.forced_tokens, True
+            return
+        request = lm.LMRequest(req.text, req.prompt_text, req.llm_prompt_speech)
+        keys = req.key[None]
+        state = lm.start(self.params["llm"], self.config.llm, [request], keys, self.sampler)
+        if bool(np.asarray(state.done)[0]):
+            yield np.zeros(0, np.int64), True
+            return
+        for new, state, _ in lm.stream(self.params["llm"], self.config.llm, state, self.sampler, chunk_size=chunk):
+            yield np.asarray(new[0], np.int64), bool(np.asarray(state.done)[0])
+
+    def _flow(self, tokens: Sequence[int], req: Request, *, streaming: bool, finalize: bool) -> np.ndarray:
+        """flow_inference for one request -> mel [1, T, C] (numpy)."""
+        self._flow_calls.append((len(tokens), int(streaming), int(finalize)))
+        mel = flow_inference(self.params["flow"], np.asarray(tokens, np.int64)[None],
+                             req.flow_prompt_speech[None], req.prompt_feat[None], req.embedding[None],
+                             cfg=self.config.flow, noise=self.flow_noise, streaming=streaming, finalize=finalize)
+        return np.asarray(mel)
+
+    def _hift(self, mel: np.ndarray, finalize: bool) -> np.ndarray:
+        return np.asarray(hift_inference(self.params["hift"], mel, cfg=self.config.hift, finalize=finalize,
+                                         noise=self.hift_noise, f0_float64=self.f0_float64))
+
+    def _hift_stream(self, mel_all: np.ndarray, mel_new: np.ndarray, emitted: int, state: Any, *,
+                     finalize: bool) -> tuple[np.ndarray, int, Any]:
+        """Audio that became final after ``mel_new`` joined ``mel_all`` (carried state or re-run)."""
+        if state is None:
+            audio, emitted = hift_stream_step(self.params["hift"], mel_all, emitted, cfg=self.config.hift,
+                                              finalize=finalize, noise=self.hift_noise, f0_float64=self.f0_float64)
+            return np.asarray(audio), emitted, None
+        state, audio = hift_stream_push(self.params["hift"], state, mel_new, cfg=self.config.hift,
+                                        finalize=finalize, f0_float64=self.f0_float64)
+        audio = np.asarray(audio)
+        return audio, emitted + audio.shape[1], state
+
+    def _trace(self, raw, tokens, hops=()) -> None:
+        self.last_trace = {"llm_tokens": np.asarray(raw, np.int64), "flow_tokens": np.asarray(tokens, np.int64),
+                           "hops": np.asarray(hops, np.int64),
+                           "flow_calls": np.asarray(self._flow_calls, np.int64).reshape(-1, 3)}
+
+    def _empty(self) -> dict[str, np.ndarray]:
+        return {"tts_speech": np.zeros((1, 0), np.float32)}
+
+    # ---------------------------------------------------------------- public API
+    def tts(self, text_ids: Any = (), *, prompt_text_ids: Any = (), llm_prompt_speech_tokens: Any = (),
+            flow_prompt_speech_tokens: Any = (), prompt_feat: Any = None, embedding: Any = None,
+            source_speech_tokens: Any = None, stream: bool = False, speed: float = 1.0, key: Any = None,
+            forced_tokens: Any = None) -> Iterator[dict[str, np.ndarray]]:
+        """Synthesize one request; returns a generator of ``{"tts_speech": [1, samples] float32}``.
+
+        Args:
+          text_ids: [Lt] text token ids (the LLM's ``text``; cross-lingual carries the prompt
+            marker in it).
+          prompt_text_ids: [Lp] zero-shot transcript or instruct2 instruction ids (may be empty).
+          llm_prompt_speech_tokens: [Np] zero-shot prompt speech tokens for the LLM (empty for
+            cross-lingual and instruct2).
+          flow_prompt_speech_tokens: [P] prompt tokens for the flow.
+          prompt_feat: [F1, C] prompt mel, time-major (F1 = ratio * P for zero-shot).
+          embedding: [E] speaker embedding (the flow's; CosyVoice3's LLM takes none).
+          source_speech_tokens: [N] voice conversion: these tokens go to the flow, no LLM, no filter.
+          stream: upstream's streaming schedule (several yields) instead of one yield.
+          speed: non-stream only; the mel is resampled to int(T / speed) frames.
+          key: the request's PRNG key (int seed, ``jax.random.key`` or a uint32[2] key).
+          forced_tokens: [N] stand-in for the LLM output (the silent filter still applies).
+
+        Raises:
+          ValueError, at call time and before any device work, for empty text (when the LLM runs),
+          ids out of range, a mis-shaped prompt_feat/embedding, NaN/inf, speed != 1 with stream, or
+          a bad key.
+        """
+        req = self._request(text_ids, prompt_text_ids, llm_prompt_speech_tokens, flow_prompt_speech_tokens,
+                            prompt_feat, embedding, source_speech_tokens, forced_tokens, speed, key, stream)
+        if stream:
+            return self._tts_stream(req)
+        return self._tts_offline(req)
+
+    def _tts_offline(self, req: Request) -> Iterator[dict[str, np.ndarray]]:
+        self._flow_calls = []
+        filt = self._filter(req.source_speech is not None)
+        raw: list[int] = []
+        tokens: list[int] = []
+        for new, _ in self._token_source(req, self.schedule.base):
+            raw.extend(int(t) for t in new)
+            tokens.extend(filt(new))
+        self._trace(raw, tokens)
+        if not tokens:
+            yield self._empty()
+            return
+        mel = self._flow(tokens, req, streaming=False, finalize=True)
+        if req.speed != 1.0:
+            mel = interpolate_linear(mel, int(mel.shape[1] / req.speed))
+        yield {"tts_speech": self._hift(mel, finalize=True)}
+
+    def _tts_stream(self, req: Request) -> Iterator[dict[str, np.ndarray]]:
+        self._flow_calls = []
+        sched = self.schedule
+        filt = self._filter(req.source_speech is not None)
+        source = self._token_source(req, sched.base)
+        raw: list[int] = []
+        tokens: list[int] = []
+        llm_done = False
+        hop = self.token_hop_len if self.upstream_hop_quirk else sched.base
+        num_prompt = int(req.flow_prompt_speech.size)
+        pad = sched.pad(hop, num_prompt)
+        offset = 0
+        mel_all = np.zeros((1, 0, self.config.flow.output_size), np.float32)
+        emitted = 0
+        vocoder = hift_stream_init(self.config.hift, 1, noise=self.hift_noise) if self.hift_carry else None
+        hops: list[int] = []
+        while True:
+            this_hop = hop + (pad if offset == 0 else 0)
+            need = offset + this_hop + sched.lookahead
+            while not llm_done and len(tokens) < need:
+                new, llm_done = next(source, (np.zeros(0, np.int64), True))
+                raw.extend(int(t) for t in new)
+                tokens.extend(filt(new))
+            if len(tokens) >= need:
+                mel = self._flow(tokens[:need], req, streaming=True, finalize=False)
+                mel = mel[:, sched.token_mel_ratio * offset:]
+                mel_all = np.concatenate([mel_all, mel], axis=1)
+                audio, emitted, vocoder = self._hift_stream(mel_all, mel, emitted, vocoder, finalize=False)
+                offset += this_hop
+                hops.append(this_hop)
+                hop = sched.next_hop(hop)
+                if self.upstream_hop_quirk:
+                    self.token_hop_len = hop
+                yield {"tts_speech": np.asarray(audio)}
+            # Upstream tests the stale hop (the one just processed); the corrected mode tests the next.
+            check = this_hop if self.upstream_hop_quirk else hop + (pad if offset == 0 else 0)
+            if llm_done and len(tokens) - offset < check + sched.lookahead:
+                break
+        if not tokens:
+            self._trace(raw, tokens, hops)
+            yield self._empty()
+            return
+        mel = self._flow(tokens, req, streaming=False, finalize=True)[:, sched.token_mel_ratio * offset:]
+        self._trace(raw, tokens, hops)
+        mel_all = np.concatenate([mel_all, mel], axis=1)
+        audio, emitted, vocoder = self._hift_stream(mel_all, mel, emitted, vocoder, finalize=True)
+        yield {"tts_speech": np.asarray(audio)}
+
+    def tts_batch(self, requests: Sequence[Mapping[str, Any]], keys: Sequence[Any] | None = None
+                  ) -> list[np.ndarray]:
+        """Non-stream synthesis of several requests at once (batched LLM, flow and HiFT).
+
+        Args:
+          requests: dicts of ``tts`` keyword arguments (text_ids, prompt_text_ids, ..., speed,
+            forced_tokens, source_speech_tokens); ``stream`` is not accepted.
+          keys: one key per request (default: each request's ``key`` entry, else seed 0).
+        Returns:
+          one waveform [1, samples] per request, each equal (up to float32 rounding of the padded
+          shapes) to ``next(tts(**request))["tts_speech"]``.
+        """
+        if not requests:
+            raise ValueError("tts_batch: no requests")
+        if keys is not None and len(keys) != len(requests):
+            raise ValueError(f"tts_batch: {len(keys)} keys for {len(requests)} requests")
+        reqs = []
+        for i, r in enumerate(requests):
+            r = dict(r)
+            if r.pop("stream", False):
+                raise ValueError(f"request {i}: tts_batch is non-stream only")
+            key = keys[i] if keys is not None else r.pop("key", None)
+            r.pop("key", None)
+            try:
+                reqs.append(self._request(r.pop("text_ids", ()), r.pop("prompt_text_ids", ()),
+                                          r.pop("llm_prompt_speech_tokens", ()), r.pop("flow_prompt_speech_tokens", ()),
+                                          r.pop("prompt_feat", None), r.pop("embedding", None),
+                                          r.pop("source_speech_tokens", None), r.pop("forced_tokens", None),
+                                          r.pop("speed", 1.0), key, False))
+            except ValueError as e:
+                raise ValueError(f"request {i}: {e}") from None
+            if r:
+                raise ValueError(f"request {i}: unknown argument(s) {sorted(r)}")
+        # LLM rows, batched.
+        raw: list[np.ndarray] = [np.zeros(0, np.int64)] * len(reqs)
+        llm_rows = [i for i, q in enumerate(reqs) if q.uses_llm]
+        if llm_rows:
+            lm_reqs = [lm.LMRequest(reqs[i].text, reqs[i].prompt_text, reqs[i].llm_prompt_speech) for i in llm_rows]
+            keys_arr = jnp.stack([reqs[i].key for i in llm_rows])
+            gens = lm.generate(self.params["llm"], self.config.llm, lm_reqs, keys_arr, self.sampler,
+                               chunk_size=self.schedule.base)
+            for i, g in zip(llm_rows, gens):
+                raw[i] = g.tokens.astype(np.int64)
+        for i, q in enumerate(reqs):
+            if not q.uses_llm:
+                raw[i] = q.forced_tokens if q.forced_tokens is not None else q.source_speech
+        tokens = [np.asarray(self._filter(q.source_speech is not None)(raw[i]), np.int64) for i, q in enumerate(reqs)]
+        out: list[np.ndarray] = [np.zeros((1, 0), np.float32)] * len(reqs)
+        rows = [i for i in range(len(reqs)) if tokens[i].size]
+        if not rows:
+            return out
+        # Flow, batched with per-row lengths.
+        c = self.config.flow.output_size
+        n_max = max(tokens[i].size for i in rows)
+        p_max = max(reqs[i].flow_prompt_speech.size for i in rows)
+        f_max = max(reqs[i].prompt_feat.shape[0] for i in rows)
+        tok = np.zeros((len(rows), n_max), np.int64)
+        ptok = np.zeros((len(rows), p_max), np.int64)
+        feat = np.zeros((len(rows), f_max, c), np.float32)
+        emb = np.stack([reqs[i].embedding for i in rows])
+        for b, i in enumerate(rows):
+            tok[b, :tokens[i].size] = tokens[i]
+            ptok[b, :reqs[i].flow_prompt_speech.size] = reqs[i].flow_prompt_speech
+            feat[b, :reqs[i].prompt_feat.shape[0]] = reqs[i].prompt_feat
+        tlen = np.asarray([tokens[i].size for i in rows])
+        plen = np.asarray([reqs[i].flow_prompt_speech.size for i in rows])
+        flen = np.asarray([reqs[i].prompt_feat.shape[0] for i in rows])
+        mel = np.asarray(flow_inference(self.params["flow"], tok, ptok, feat, emb, cfg=self.config.flow,
+                                        noise=self.flow_noise, streaming=False, finalize=True, token_len=tlen,
+                                        prompt_token_len=plen, prompt_feat_len=flen))
+        mel_len = self.config.flow.token_mel_ratio * (plen + tlen) - flen
+        mels = []
+        for b, i in enumerate(rows):
+            m = mel[b:b + 1, :mel_len[b]]
+            if reqs[i].speed != 1.0:
+                m = interpolate_linear(m, int(m.shape[1] / reqs[i].speed))
+            mels.append(m)
+        lens = np.asarray([m.shape[1] for m in mels])
+        padded = np.zeros((len(rows), int(lens.max()), c), np.float32)
+        for b, m in enumerate(mels):
+            padded[b, :m.shape[1]] = m[0]
+        audio = np.asarray(hift_inference(self.params["hift"], padded, cfg=self.config.hift, finalize=True,
+                                          noise=self.hift_noise, mel_len=lens, f0_float64=self.f0_float64))
+        scale = self.config.hift.upsample_scale
+        for b, i in enumerate(rows):
+            out[i] = audio[b:b + 1, :scale * lens[b]]
+        return out
+
+
+def stream_seams(chunks: Sequence[np.ndarray], offline: np.ndarray, window: int = 480) -> dict[str, Any]:
+    """How far a streamed waveform is from the offline one, overall and around each chunk seam.
+
+    Stream hops run the flow with chunked attention and hold back look-ahead, so the streamed audio
+    differs from the offline (full-attention) result; this measures by how much.
+
+    Args:
+      chunks: the stream's yields, each [1, n_k].  offline: [1, N], N = sum n_k.
+      window: samples on each side of a seam to measure (default one mel frame).
+    Returns:
+      {"max_abs": overall max |stream - offline|, "snr_db": offline vs difference,
+       "seams": [{"sample": boundary, "max_abs": max |diff| within +-window}, ...]}.
+    """
+    stream = np.concatenate([np.asarray(c) for c in chunks], axis=1)
+    offline = np.asarray(offline)
+    if stream.shape != offline.shape:
+        raise ValueError(f"stream audio {stream.shape} and offline audio {offline.shape} differ in length")
+    diff = np.abs(stream.astype(np.float64) - offline)
+    err = float(np.sum(diff ** 2))
+    snr = float("inf") if err == 0 else 10 * np.log10(float(np.sum(offline.astype(np.float64) ** 2)) / err)
+    seams, edge = [], 0
+    for c in chunks[:-1]:
+        edge += c.shape[1]
+        seams.append({"sample": edge, "max_abs": float(diff[:, max(0, edge - window):edge + window].max())})
+    return {"max_abs": float(diff.max()) if diff.size else 0.0, "snr_db": snr, "seams": seams}
