@@ -14,11 +14,7 @@ are compared.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.machinery
-import logging
 import os
-import sys
 import time
 import types
 
@@ -26,59 +22,25 @@ import numpy as np
 
 
 def full_size_config(depth: int):
-    from cosyjax.config import FlowConfig
+    """The release's flow config (from the full-size manifest); depth may be cut for a quick run."""
+    import dataclasses
 
-    # The release's flow section (Fun-CosyVoice3-0.5B cosyvoice3.yaml); depth may be cut for a quick run.
-    return FlowConfig(input_size=80, output_size=80, spk_embed_dim=192, vocab_size=6561, input_frame_rate=25,
-                      token_mel_ratio=2, pre_lookahead_len=3, pre_lookahead_channels=1024, spk_emb_dim=80,
-                      sigma_min=1e-6, t_scheduler="cosine", training_cfg_rate=0.2, inference_cfg_rate=0.7,
-                      reg_loss_type="l1", dim=1024, depth=depth, heads=16, dim_head=64, ff_mult=2, mel_dim=80,
-                      mu_dim=80, spk_dim=80, out_channels=80, static_chunk_size=50, num_decoding_left_chunks=-1)
+    from cosyjax.parity.manifest import release_config
 
-
-def _stub(name: str, **attrs) -> None:
-    """Stand-in for a module upstream's flow imports but never uses at inference (when not installed)."""
-    try:
-        importlib.import_module(name)
-        return
-    except ImportError:
-        pass
-    parts = name.split(".")
-    for i in range(1, len(parts) + 1):
-        sub = ".".join(parts[:i])
-        if sub not in sys.modules:
-            sys.modules[sub] = types.ModuleType(sub)
-            sys.modules[sub].__spec__ = importlib.machinery.ModuleSpec(sub, None)
-            if i > 1:
-                setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], sys.modules[sub])
-    for key, value in attrs.items():
-        setattr(sys.modules[name], key, value)
+    return dataclasses.replace(release_config().flow, depth=depth)
 
 
 def build_reference(repo: str, cfg):
     """Upstream CausalMaskedDiffWithDiT with random weights (torch default init, seed 0)."""
     import torch
 
-    sys.path.insert(0, os.path.abspath(repo))
-    # torchaudio / onnxruntime / whisper are frontend-only; matcha's BASECFM only stores attributes.
-    for name in ("torchaudio", "torchaudio.compliance.kaldi", "onnxruntime", "whisper"):
-        _stub(name)
+    from cosyjax.parity.upstream import import_upstream
 
-    class BASECFM(torch.nn.Module):
-        def __init__(self, n_feats, cfm_params, n_spks=1, spk_emb_dim=128):
-            super().__init__()
-            self.n_feats, self.n_spks, self.spk_emb_dim = n_feats, n_spks, spk_emb_dim
-            self.solver = cfm_params.solver
-            self.sigma_min = getattr(cfm_params, "sigma_min", 1e-4)
-            self.estimator = None
-
-    _stub("matcha.models.components.flow_matching", BASECFM=BASECFM)
+    import_upstream(repo)  # stand-ins for the frontend-only packages and matcha's BASECFM
     from cosyvoice.flow.DiT.dit import DiT
     from cosyvoice.flow.flow import CausalMaskedDiffWithDiT
     from cosyvoice.flow.flow_matching import CausalConditionalCFM
     from cosyvoice.transformer.upsample_encoder import PreLookaheadLayer
-
-    logging.getLogger().setLevel(logging.WARNING)  # upstream's import configures DEBUG logging
 
     torch.manual_seed(0)
     cfm_params = types.SimpleNamespace(sigma_min=cfg.sigma_min, solver="euler", t_scheduler=cfg.t_scheduler,

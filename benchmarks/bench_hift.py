@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -34,20 +33,19 @@ from cosyjax.hift.stream import hift_stream_init, hift_stream_push, stream_bucke
 
 
 def release_config() -> HiftConfig:
-    """Fun-CosyVoice3-0.5B ``hift`` section (SPEC 1.3; the release cosyvoice3.yaml)."""
-    return HiftConfig(in_channels=80, base_channels=512, nb_harmonics=8, sampling_rate=24000, nsf_alpha=0.1,
-                      nsf_sigma=0.003, nsf_voiced_threshold=10.0, upsample_rates=(8, 5, 3),
-                      upsample_kernel_sizes=(16, 11, 7), n_fft=16, hop_len=4, resblock_kernel_sizes=(3, 7, 11),
-                      resblock_dilation_sizes=((1, 3, 5),) * 3, source_resblock_kernel_sizes=(7, 7, 11),
-                      source_resblock_dilation_sizes=((1, 3, 5),) * 3, lrelu_slope=0.1, audio_limit=0.99,
-                      conv_pre_look_right=4, f0_num_class=1, f0_in_channels=80, f0_cond_channels=512)
+    """The release's hift config (from the full-size manifest)."""
+    from cosyjax.parity.manifest import release_config as model_config
+
+    return model_config().hift
 
 
 def upstream_model(repo: str, cfg: HiftConfig):
     """Upstream CausalHiFTGenerator at ``cfg``'s dims, in eval mode (random init, seed 0)."""
     import torch
 
-    sys.path.insert(0, os.path.abspath(repo))
+    from cosyjax.parity.upstream import import_upstream
+
+    import_upstream(repo)
     from cosyvoice.hifigan.f0_predictor import CausalConvRNNF0Predictor
     from cosyvoice.hifigan.generator import CausalHiFTGenerator
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -23,17 +22,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cosyjax.config import LLMConfig, SamplingConfig  # noqa: E402
+from cosyjax.config import LLMConfig  # noqa: E402
 from cosyjax.llm import decode, lm  # noqa: E402
 from cosyjax.llm.sampling import SamplerSettings  # noqa: E402
 
 
 def release_config() -> LLMConfig:
-    """Fun-CosyVoice3-0.5B dims (SPEC 1.1; Qwen2-0.5B CosyVoice-BlankEN/config.json)."""
-    return LLMConfig(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
-                     intermediate_size=4864, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
-                     tie_word_embeddings=True, max_position_embeddings=32768, speech_token_size=6561,
-                     llm_input_size=896, llm_output_size=896, sampling=SamplingConfig())
+    """The release's LLM config (from the full-size manifest)."""
+    from cosyjax.parity.manifest import release_config as model_config
+
+    return model_config().llm
 
 
 def random_state_dict(cfg: LLMConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -98,8 +96,10 @@ def _upstream_one_step(reference_repo: str | None):
     """Upstream's Qwen2Encoder.forward_one_step when importable, else None."""
     if not reference_repo:
         return None
-    sys.path.insert(0, os.path.abspath(reference_repo))
     try:
+        from cosyjax.parity.upstream import import_upstream
+
+        import_upstream(reference_repo)
         from cosyvoice.llm.llm import Qwen2Encoder
     except Exception as e:  # noqa: BLE001 - any import failure means: use the HF loop instead
         print(f"[reference] cannot import upstream Qwen2Encoder from {reference_repo} ({type(e).__name__}: {e}); "

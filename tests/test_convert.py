@@ -15,7 +15,7 @@ from cosyjax.checkpoint import CheckpointError, load_converted
 from cosyjax.config import ConfigError
 from cosyjax.convert import convert_model, convert_to_dir
 from cosyjax.convert.common import (
-    ConversionError, Entry, apply_table, conv1d_t, fold_weight_norm, linear_t, load_state_dict, plain,
+    ConversionError, apply_table, conv1d_t, fold_weight_norm, linear_t, load_state_dict, plain,
     weight_normed)
 
 from conftest import DATA

@@ -10,7 +10,6 @@ COSYJAX_REFERENCE_REPO points at an upstream CosyVoice checkout.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 

@@ -52,7 +52,7 @@ import numpy as np
 from cosyjax.config import HiftConfig
 from cosyjax.hift.f0 import LOOK_AHEAD, F0Predictor, causal_padding, float64_available, float64_scope
 from cosyjax.hift.istft import istft, num_stft_frames, stft
-from cosyjax.hift.source import HiftNoise, make_noise, source_signal
+from cosyjax.hift.source import HiftNoise, checked_buffers, make_noise, source_signal
 from cosyjax.nn.conv import Conv1d
 
 Array = jax.Array
@@ -283,22 +283,12 @@ def _check_mel(mel: Any, cfg: HiftConfig, finalize: bool, mel_len: Any) -> tuple
 
 def _noise_for(noise: Any, num_samples: int, need: int, cfg: HiftConfig) -> HiftNoise:
     """HiftNoise of exactly ``num_samples`` rows from a key/seed/None or given buffers."""
-    width = cfg.num_harmonic_channels
     if noise is None or isinstance(noise, (int, np.integer)):
         return make_noise(jax.random.PRNGKey(0 if noise is None else int(noise)), num_samples, cfg)
     if isinstance(noise, HiftNoise):
-        rand_ini = np.asarray(noise.rand_ini, np.float32).reshape(-1)
-        uniform = np.asarray(noise.uniform, np.float32)
-        if uniform.ndim == 3 and uniform.shape[0] == 1:
-            uniform = uniform[0]
-        if rand_ini.shape != (width,):
-            raise ValueError(f"noise.rand_ini: expected {width} values (nb_harmonics + 1), found {rand_ini.size}")
-        if uniform.ndim != 2 or uniform.shape[1] != width:
-            raise ValueError(f"noise.uniform: expected [samples, {width}], found shape {uniform.shape}")
+        rand_ini, uniform = checked_buffers(noise, cfg)
         if uniform.shape[0] < need:
             raise ValueError(f"noise.uniform: {uniform.shape[0]} samples, this call needs {need}")
-        if not (np.isfinite(uniform).all() and np.isfinite(rand_ini).all()):
-            raise ValueError("noise: contains NaN or inf")
         uniform = uniform[:num_samples]
         if uniform.shape[0] < num_samples:  # the rest only reaches samples past the valid end
             uniform = np.pad(uniform, ((0, num_samples - uniform.shape[0]), (0, 0)))

@@ -154,3 +154,22 @@ def source_signal(params: dict, f0: Array, noise: HiftNoise, *, cfg: HiftConfig)
     lin = params["l_linear"]
     merged = jnp.einsum("blh,ho->blo", excitation, jnp.asarray(lin["kernel"], jnp.float32), precision=HIGHEST)
     return jnp.tanh(merged + jnp.asarray(lin["bias"], jnp.float32))[..., 0]
+
+
+def checked_buffers(noise: HiftNoise, cfg: HiftConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Validate injected noise buffers; returns (rand_ini [H], uniform [L, H]) as float32 numpy.
+
+    Raises ValueError naming the problem (wrong width, empty, NaN/inf) before any device call.
+    """
+    width = cfg.num_harmonic_channels
+    rand_ini = np.asarray(noise.rand_ini, np.float32).reshape(-1)
+    uniform = np.asarray(noise.uniform, np.float32)
+    if uniform.ndim == 3 and uniform.shape[0] == 1:
+        uniform = uniform[0]
+    if rand_ini.shape != (width,):
+        raise ValueError(f"noise.rand_ini: expected {width} values (nb_harmonics + 1), found {rand_ini.size}")
+    if uniform.ndim != 2 or uniform.shape[1] != width or uniform.shape[0] == 0:
+        raise ValueError(f"noise.uniform: expected [samples > 0, {width}], found shape {uniform.shape}")
+    if not (np.isfinite(uniform).all() and np.isfinite(rand_ini).all()):
+        raise ValueError("noise: contains NaN or inf")
+    return rand_ini, uniform

@@ -100,7 +100,7 @@ from cosyjax.hift.f0 import (FIRST_KERNEL, KERNEL, LOOK_AHEAD, NUM_CONVS, Weight
 from cosyjax.hift.generator import (MAG_CLIP, POST_LRELU_SLOPE, Snake, look_ahead_frames, output_samples,
                                     source_down_rates)
 from cosyjax.hift.istft import _irfft_basis, _overlap_add, _rfft_basis, hann_window
-from cosyjax.hift.source import HiftNoise, _unit_float
+from cosyjax.hift.source import HiftNoise, _unit_float, checked_buffers
 from cosyjax.nn.conv import Conv1d
 
 Array = jax.Array
@@ -277,16 +277,7 @@ def hift_stream_init(cfg: HiftConfig, batch: int = 1, noise: Any = None) -> Hift
     width = cfg.num_harmonic_channels
     batch = int(batch)
     if isinstance(noise, HiftNoise):
-        rand_ini = np.asarray(noise.rand_ini, np.float32).reshape(-1)
-        uniform = np.asarray(noise.uniform, np.float32)
-        if uniform.ndim == 3 and uniform.shape[0] == 1:
-            uniform = uniform[0]
-        if rand_ini.shape != (width,):
-            raise ValueError(f"noise.rand_ini: expected {width} values (nb_harmonics + 1), found {rand_ini.size}")
-        if uniform.ndim != 2 or uniform.shape[1] != width or uniform.shape[0] == 0:
-            raise ValueError(f"noise.uniform: expected [samples > 0, {width}], found shape {uniform.shape}")
-        if not (np.isfinite(uniform).all() and np.isfinite(rand_ini).all()):
-            raise ValueError("noise: contains NaN or inf")
+        rand_ini, uniform = checked_buffers(noise, cfg)
         counter_key = np.zeros((2,), np.uint32)
     else:
         if noise is None or isinstance(noise, (int, np.integer)):
