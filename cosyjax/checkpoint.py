@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cosyjax.atomic import publish_dir
 from cosyjax.config import ModelConfig
 
 FORMAT = "cosyjax-converted-v1"
@@ -100,13 +101,7 @@ def save_converted(out_dir: str, model: ConvertedModel, *, overwrite: bool = Fal
         meta = {"format": FORMAT, "dtype": model.dtype, "model": model.config.to_dict(), "source": dict(model.source)}
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from cosyjax.atomic import publish_dir
 from cosyjax.parity.case import Case, load_case
 from cosyjax.parity.stages import STAGES, GroupResult, runners, stage_of
 
@@ -150,20 +151,7 @@ def run_check(case_dir: str, out_dir: str, *, stages: Iterable[str] | None = Non
         from cosyjax.parity.report import write_html
 
         write_html(staging, report, case, outputs, plot_specs if plots else [])
-        _replace_dir(staging, out_dir)
+        publish_dir(staging, out_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report
-
-
-def _replace_dir(src: str, dst: str) -> None:
-    """Move ``src`` to ``dst`` (replacing it), never leaving a half-written ``dst``."""
-    dst = os.path.abspath(dst)
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    shutil.move(src, os.path.join(tmp, "new"))  # may cross file systems: copy into dst's parent first
-    if os.path.exists(dst):
-        os.rename(dst, os.path.join(tmp, "old"))
-    os.rename(os.path.join(tmp, "new"), dst)
-    shutil.rmtree(tmp, ignore_errors=True)

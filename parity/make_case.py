@@ -80,6 +80,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import yaml
 
+from cosyjax.atomic import publish_dir
 from cosyjax.parity.case import CaseError
 
 QWEN_DIR = "CosyVoice-BlankEN"
@@ -1281,13 +1282,7 @@ def make_case(reference_repo: str, config_path: str, seed: int, out_dir: str, *,
             for name in names:
                 os.chmod(os.path.join(root, name), 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)
-        if os.path.exists(out_dir):
-            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(trash, "old"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
