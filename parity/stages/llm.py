@@ -54,10 +54,6 @@ def _request(case: Case) -> lm.LMRequest:
     return lm.LMRequest.zero_shot(g["text"][0], g["prompt_text"][0], g["prompt_speech_token"][0])
 
 
-def _dtype(model: ConvertedModel) -> str:
-    return str(np.asarray(model.params["llm"]["llm_decoder"]["kernel"]).dtype)
-
-
 def _argmax_check(key: str, ours: np.ndarray, ref: np.ndarray):
     return compare_equal(key + "#argmax", np.argmax(ours, -1), np.argmax(ref, -1))
 
@@ -65,7 +61,7 @@ def _argmax_check(key: str, ours: np.ndarray, ref: np.ndarray):
 def run_llm(case: Case, group: str, model: ConvertedModel) -> GroupResult:
     cfg = model.config.llm
     ref = case.group(group)
-    tol = TOLERANCES[_dtype(model)]
+    tol = TOLERANCES[model.dtype]
     params = jax.tree.map(jax.numpy.asarray, model.params["llm"])
     request = _request(case)
     targets = [int(t) for t in ref["speech_token"][0]]
@@ -101,7 +97,7 @@ def run_llm(case: Case, group: str, model: ConvertedModel) -> GroupResult:
     comparisons.append(compare_equal(key + "#masked", ours_masked, ref_masked))
     comparisons.append(compare_close(key, np.where(ref_masked, 0.0, scores),
                                      np.where(ref_masked, 0.0, ref["step_scores"]), tol["step_scores"]))
-    if _dtype(model) == "float32":
+    if model.dtype == "float32":
         for name in ("logits", "speech_logp", "step_logits", "step_scores"):
             key = f"{group}/{name}"
             comparisons.append(_argmax_check(key, outputs[key], ref[name]))
@@ -115,7 +111,7 @@ def run_llm(case: Case, group: str, model: ConvertedModel) -> GroupResult:
 def run_llm_greedy(case: Case, group: str, model: ConvertedModel) -> GroupResult:
     cfg = model.config.llm
     ref = case.group(group)
-    tol = TOLERANCES[_dtype(model)]
+    tol = TOLERANCES[model.dtype]
     params = jax.tree.map(jax.numpy.asarray, model.params["llm"])
     request = _request(case)
     min_len, max_len = lm.length_limits(request)
