@@ -152,9 +152,10 @@ class Attention(nn.Module):
     dim: int
     heads: int
     dim_head: int
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+    def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool = True) -> Array:
         batch, frames = x.shape[:2]
         inner = self.heads * self.dim_head
         q = nn.Dense(inner, precision=HIGHEST, name="to_q")(x)  # [B, T, N*H]
@@ -172,7 +173,8 @@ class Attention(nn.Module):
         out = jnp.einsum("bnts,bsnh->btnh", probs, v, precision=HIGHEST).reshape(batch, frames, inner)
         # Upstream then zeroes rows where mask[:, 0, -1] is False; that only matters for its own
         # right-padded batches (never used at inference), so it is left out.
-        return nn.Dense(self.dim, precision=HIGHEST, name="to_out_0")(out)
+        out = nn.Dense(self.dim, precision=HIGHEST, name="to_out_0")(out)
+        return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
 class FeedForward(nn.Module):
@@ -180,11 +182,13 @@ class FeedForward(nn.Module):
 
     dim: int
     mult: int
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
         h = nn.Dense(self.dim * self.mult, precision=HIGHEST, name="ff_0_0")(x)
         h = jax.nn.gelu(h, approximate=True)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         return nn.Dense(self.dim, precision=HIGHEST, name="ff_2")(h)
 
 
@@ -218,15 +222,17 @@ class DiTBlock(nn.Module):
     heads: int
     dim_head: int
     ff_mult: int
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, temb: Array, mask: Array, positions: Array) -> Array:
+    def __call__(self, x: Array, temb: Array, mask: Array, positions: Array, deterministic: bool = True) -> Array:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLayerNormZero(
             self.dim, name="attn_norm")(temb)
         norm = layer_norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        x = x + gate_msa[:, None] * Attention(self.dim, self.heads, self.dim_head, name="attn")(norm, mask, positions)
+        x = x + gate_msa[:, None] * Attention(self.dim, self.heads, self.dim_head, self.dropout, name="attn")(
+            norm, mask, positions, deterministic)
         norm = layer_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        return x + gate_mlp[:, None] * FeedForward(self.dim, self.ff_mult, name="ff")(norm)
+        return x + gate_mlp[:, None] * FeedForward(self.dim, self.ff_mult, self.dropout, name="ff")(norm, deterministic)
 
 
 class DiT(nn.Module):
@@ -246,10 +252,11 @@ class DiT(nn.Module):
     conv_pos_kernel: int
     conv_pos_groups: int
     static_chunk_size: int
+    dropout: float = 0.0  # upstream trains with 0.1 (DiT default); inference is deterministic
 
     @nn.compact
     def __call__(self, x: Array, mu: Array, t: Array, spks: Array, cond: Array, lengths: Array,
-                 streaming: bool = False) -> Array:
+                 streaming: bool = False, deterministic: bool = True) -> Array:
         frames = x.shape[1]
         temb = TimestepEmbedding(self.dim, self.time_freq_dim, name="time_embed")(t)  # [B, D]
         h = InputEmbedding(self.dim, self.conv_pos_kernel, self.conv_pos_groups, name="input_embed")(
@@ -257,8 +264,8 @@ class DiT(nn.Module):
         mask = attention_mask(lengths, frames, self.static_chunk_size, streaming)
         positions = jnp.arange(frames)
         for i in range(self.depth):
-            h = DiTBlock(self.dim, self.heads, self.dim_head, self.ff_mult, name=f"transformer_blocks_{i}")(
-                h, temb, mask, positions)
+            h = DiTBlock(self.dim, self.heads, self.dim_head, self.ff_mult, self.dropout,
+                         name=f"transformer_blocks_{i}")(h, temb, mask, positions, deterministic)
         scale, shift = AdaLayerNormZeroFinal(self.dim, name="norm_out")(temb)
         h = layer_norm(h) * (1 + scale[:, None]) + shift[:, None]
         return nn.Dense(self.mel_dim, precision=HIGHEST, name="proj_out")(h)

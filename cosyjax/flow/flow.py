@@ -68,6 +68,7 @@ class Flow(nn.Module):
     conv_pos_kernel: int
     conv_pos_groups: int
     static_chunk_size: int
+    dropout: float = 0.0  # active only in ``estimate(..., deterministic=False)`` (training)
 
     def setup(self):
         self.input_embedding = nn.Embed(self.vocab_size, self.input_size)
@@ -75,7 +76,7 @@ class Flow(nn.Module):
         self.pre_lookahead_layer = PreLookaheadLayer(self.pre_lookahead_channels, self.pre_lookahead_len)
         self.estimator = DiT(self.dim, self.depth, self.heads, self.dim_head, self.ff_mult, self.output_size,
                              self.time_freq_dim, self.conv_pos_kernel, self.conv_pos_groups,
-                             self.static_chunk_size)
+                             self.static_chunk_size, self.dropout)
 
     def encode(self, tokens: Array, token_mask: Array, embedding: Array) -> tuple[Array, Array]:
         """tokens [B, N] int, token_mask [B, N] bool, embedding [B, E] -> (spks [B, C], h [B, N, C])."""
@@ -86,9 +87,11 @@ class Flow(nn.Module):
         return spks, self.pre_lookahead_layer(x)
 
     def estimate(self, x: Array, mu: Array, t: Array, spks: Array, cond: Array, lengths: Array,
-                 streaming: bool = False) -> Array:
-        """DiT velocity: x, mu, cond [B, T, C], t [B], spks [B, C], lengths [B] -> [B, T, C]."""
-        return self.estimator(x, mu, t, spks, cond, lengths, streaming)
+                 streaming: bool = False, deterministic: bool = True) -> Array:
+        """DiT velocity: x, mu, cond [B, T, C], t [B], spks [B, C], lengths [B] -> [B, T, C].
+
+        ``deterministic=False`` applies the config's dropout (needs a ``"dropout"`` rng)."""
+        return self.estimator(x, mu, t, spks, cond, lengths, streaming, deterministic)
 
     def __call__(self, tokens: Array, embedding: Array, x: Array) -> Array:
         """Touches every param (for init): a full-attention estimator call on the encoded tokens."""
@@ -103,7 +106,8 @@ def make_flow(cfg: FlowConfig) -> Flow:
                 pre_lookahead_channels=cfg.pre_lookahead_channels, pre_lookahead_len=cfg.pre_lookahead_len,
                 dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head, ff_mult=cfg.ff_mult,
                 time_freq_dim=cfg.time_freq_dim, conv_pos_kernel=cfg.conv_pos_kernel,
-                conv_pos_groups=cfg.conv_pos_groups, static_chunk_size=cfg.static_chunk_size)
+                conv_pos_groups=cfg.conv_pos_groups, static_chunk_size=cfg.static_chunk_size,
+                dropout=cfg.dropout)
 
 
 def param_shapes(cfg: FlowConfig) -> dict[str, Any]:
