@@ -1,0 +1,1 @@
+"""Training for research: upstream-matching losses, jitted/data-parallel train steps, checkpoints."""
