@@ -47,9 +47,19 @@ non-stream calls with the same key produce the same tokens.  The flow noise is t
 model's fixed buffer and the HiFT source noise is fixed per model (``hift_noise``), as upstream's
 construction-time buffers are.
 
-Incremental streaming (computing each flow chunk once with a per-layer, per-Euler-step K/V cache
-instead of re-running the flow on the growing prefix) is not implemented: every hop re-runs the
-flow from t = 0 as upstream does.  ``stream_seams`` measures how far stream output is from offline.
+Streaming cost: by default (``flow_carry=True``) each hop's flow frames are integrated once, with a
+per-Euler-step, per-layer K/V cache (``cosyjax.flow.stream``), and the vocoder carries its state
+(``hift_carry=True``), so a hop costs work for its new frames only; upstream re-runs both on the
+growing prefix.  The hops give the same mel as the re-run (float32 summation order aside).
+``flow_carry=False`` re-runs the flow as upstream does.
+
+- ``final_full_attention=True`` (upstream): the last stream chunk re-runs the whole flow with full
+  attention (``streaming=False``), so its frames see the future frames and the earlier ones are
+  recomputed differently from what was streamed; that one call costs a non-stream flow pass.
+  ``False`` computes the last chunk chunk-causally and incrementally like the others, so the stream
+  equals one chunk-causal pass over all tokens (``flow_inference(..., streaming=True)``).
+
+``stream_seams`` measures how far stream output is from offline.
 
 Legend: B batch, N tokens, T mel frames, C mel bins.
 """
@@ -67,6 +77,7 @@ import numpy as np
 from cosyjax.checkpoint import ConvertedModel, cast_params
 from cosyjax.config import ModelConfig
 from cosyjax.flow.flow import flow_inference
+from cosyjax.flow.stream import FlowStreamState, flow_stream_init, flow_stream_push
 from cosyjax.hift.generator import hift_inference, hift_stream_step
 from cosyjax.hift.source import HiftNoise
 from cosyjax.hift.stream import hift_stream_init, hift_stream_push
@@ -241,6 +252,11 @@ class CosyVoice3Model:
       hift_carry: stream the vocoder with carried state (``cosyjax.hift.stream``: O(chunk) work per hop;
         equal to the re-run bit for bit before the last chunk, 8.4e-7 at most in it). False re-runs
         the vocoder on all mel so far at every hop, as upstream does (O(total) per hop).
+      flow_carry: integrate each stream hop's flow frames once against a K/V cache
+        (``cosyjax.flow.stream``; O(new frames) DiT work per hop, cache memory
+        ``flow.stream.cache_bytes_per_frame`` per frame).  False re-runs the flow on the prefix.
+      final_full_attention: upstream's last stream chunk with full attention over everything (see
+        the module docstring); False keeps it chunk-causal and incremental.
     """
 
     def __init__(self, converted: ConvertedModel, dtype: str | None = None, *,
@@ -248,7 +264,8 @@ class CosyVoice3Model:
                  upstream_hop_quirk: bool = True, silent_filter: bool = True,
                  silent_tokens: Sequence[int] = SILENT_TOKENS, max_silent_run: int = MAX_SILENT_RUN,
                  max_hop_factor: int = MAX_HOP_FACTOR, stream_scale_factor: int = STREAM_SCALE_FACTOR,
-                 f0_float64: bool = True, hift_carry: bool = True):
+                 f0_float64: bool = True, hift_carry: bool = True, flow_carry: bool = True,
+                 final_full_attention: bool = True):
         if dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype={dtype!r}: expected None, 'float32' or 'bfloat16'")
         for stage in ("llm", "flow", "hift"):
@@ -274,6 +291,8 @@ class CosyVoice3Model:
         self.max_silent_run = max_silent_run
         self.f0_float64 = f0_float64
         self.hift_carry = hift_carry
+        self.flow_carry = flow_carry
+        self.final_full_attention = final_full_attention
         # upstream's instance attribute self.token_hop_len (only used with upstream_hop_quirk)
         self.token_hop_len = self.schedule.base
         # What the last request did (for tests and parity): "llm_tokens", "flow_tokens" [N] and
@@ -360,6 +379,16 @@ class CosyVoice3Model:
                              req.flow_prompt_speech[None], req.prompt_feat[None], req.embedding[None],
                              cfg=self.config.flow, noise=self.flow_noise, streaming=streaming, finalize=finalize)
         return np.asarray(mel)
+
+    def _flow_hop(self, tokens: Sequence[int], req: Request, state: FlowStreamState | None, out_from: int, *,
+                  finalize: bool) -> np.ndarray:
+        """One chunk-causal stream hop: generated frames ``out_from ..`` of the prefix ``tokens``."""
+        if state is None:
+            return self._flow(tokens, req, streaming=True, finalize=finalize)[:, out_from:]
+        self._flow_calls.append((len(tokens), 1, int(finalize)))
+        mel, _ = flow_stream_push(self.params["flow"], state, np.asarray(tokens, np.int64)[None], cfg=self.config.flow,
+                                  noise=self.flow_noise, finalize=finalize, out_from=out_from)
+        return mel
 
     def _hift(self, mel: np.ndarray, finalize: bool) -> np.ndarray:
         return np.asarray(hift_inference(self.params["hift"], mel, cfg=self.config.hift, finalize=finalize,
@@ -448,6 +477,9 @@ class CosyVoice3Model:
         pad = sched.pad(hop, num_prompt)
         offset = 0
         mel_all = np.zeros((1, 0, self.config.flow.output_size), np.float32)
+        flow_state = (flow_stream_init(self.config.flow, req.flow_prompt_speech[None], req.prompt_feat[None],
+                                       req.embedding[None], capacity=req.prompt_feat.shape[0] + 4 * sched.base
+                                       * sched.token_mel_ratio) if self.flow_carry else None)
         emitted = 0
         vocoder = hift_stream_init(self.config.hift, 1, noise=self.hift_noise) if self.hift_carry else None
         hops: list[int] = []
@@ -459,8 +491,7 @@ class CosyVoice3Model:
                 raw.extend(int(t) for t in new)
                 tokens.extend(filt(new))
             if len(tokens) >= need:
-                mel = self._flow(tokens[:need], req, streaming=True, finalize=False)
-                mel = mel[:, sched.token_mel_ratio * offset:]
+                mel = self._flow_hop(tokens[:need], req, flow_state, sched.token_mel_ratio * offset, finalize=False)
                 mel_all = np.concatenate([mel_all, mel], axis=1)
                 audio, emitted, vocoder = self._hift_stream(mel_all, mel, emitted, vocoder, finalize=False)
                 offset += this_hop
@@ -477,7 +508,10 @@ class CosyVoice3Model:
             self._trace(raw, tokens, hops)
             yield self._empty()
             return
-        mel = self._flow(tokens, req, streaming=False, finalize=True)[:, sched.token_mel_ratio * offset:]
+        if self.final_full_attention:
+            mel = self._flow(tokens, req, streaming=False, finalize=True)[:, sched.token_mel_ratio * offset:]
+        else:
+            mel = self._flow_hop(tokens, req, flow_state, sched.token_mel_ratio * offset, finalize=True)
         self._trace(raw, tokens, hops)
         mel_all = np.concatenate([mel_all, mel], axis=1)
         audio, emitted, vocoder = self._hift_stream(mel_all, mel, emitted, vocoder, finalize=True)

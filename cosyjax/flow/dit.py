@@ -15,6 +15,7 @@ Legend: B batch, T query frames, S key frames, N heads, H head dim, D model widt
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -123,11 +124,25 @@ class CausalConvPositionEmbedding(nn.Module):
     groups: int
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        for name in ("conv1", "conv2"):
-            x = mish(Conv1d(self.dim, self.kernel_size, padding=(self.kernel_size - 1, 0),
-                            groups=self.groups, name=name)(x))
-        return x
+    def __call__(self, x: Array, tails: tuple[Array, Array] | None = None, valid: Array | None = None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
+        """x [B, T, D] -> (out [B, T, D], new tails or None).
+
+        ``tails`` (incremental use): each conv's last ``kernel_size - 1`` input frames before x
+        ([B, K-1, D] each; zeros at the start of a sequence, which is the causal zero padding).
+        The new tails end at frame ``valid[b]`` of each row (frames past it are padding).
+        """
+        pad = self.kernel_size - 1
+        new_tails = []
+        for i, name in enumerate(("conv1", "conv2")):
+            if tails is None:
+                x = mish(Conv1d(self.dim, self.kernel_size, padding=(pad, 0), groups=self.groups, name=name)(x))
+                continue
+            full = jnp.concatenate([tails[i].astype(x.dtype), x], axis=1)  # [B, K-1+T, D]
+            index = valid[:, None] + jnp.arange(pad)[None, :]  # frames valid-K+1 .. valid-1 of x
+            new_tails.append(jnp.take_along_axis(full, index[..., None], axis=1))
+            x = mish(Conv1d(self.dim, self.kernel_size, padding=(0, 0), groups=self.groups, name=name)(full))
+        return x, (tuple(new_tails) if tails is not None else None)
 
 
 class InputEmbedding(nn.Module):
@@ -138,12 +153,13 @@ class InputEmbedding(nn.Module):
     conv_pos_groups: int
 
     @nn.compact
-    def __call__(self, x: Array, cond: Array, mu: Array, spks: Array) -> Array:
+    def __call__(self, x: Array, cond: Array, mu: Array, spks: Array, tails=None, valid=None):
+        """-> h [B, T, D], or (h, new conv tails) when ``tails`` is given (incremental use)."""
         spks = jnp.broadcast_to(spks[:, None, :], x.shape[:2] + spks.shape[-1:])  # [B, T, C_spk]
         h = nn.Dense(self.dim, precision=HIGHEST, name="proj")(jnp.concatenate([x, cond, mu, spks], axis=-1))
-        pos = CausalConvPositionEmbedding(self.dim, self.conv_pos_kernel, self.conv_pos_groups,
-                                          name="conv_pos_embed")(h)
-        return pos + h
+        pos, new_tails = CausalConvPositionEmbedding(self.dim, self.conv_pos_kernel, self.conv_pos_groups,
+                                                     name="conv_pos_embed")(h, tails, valid)
+        return pos + h if tails is None else (pos + h, new_tails)
 
 
 class Attention(nn.Module):
@@ -155,7 +171,13 @@ class Attention(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool = True,
+                 past: tuple[Array, Array] | None = None) -> tuple[Array, Array, Array]:
+        """x [B, T, D] at ``positions`` [T] -> (out [B, T, D], k, v [B, T, N, H] of these frames).
+
+        ``past`` (incremental use): earlier frames' (k, v) [B, S0, N, H]; the keys are then
+        ``past + these frames`` and ``mask`` is [B, T, S0 + T].
+        """
         batch, frames = x.shape[:2]
         inner = self.heads * self.dim_head
         q = nn.Dense(inner, precision=HIGHEST, name="to_q")(x)  # [B, T, N*H]
@@ -167,14 +189,18 @@ class Attention(nn.Module):
         q = q.reshape(batch, frames, self.heads, self.dim_head)  # [B, T, N, H]
         k = k.reshape(batch, frames, self.heads, self.dim_head)  # [B, S, N, H]
         v = v.reshape(batch, frames, self.heads, self.dim_head)  # [B, S, N, H]
-        scores = jnp.einsum("btnh,bsnh->bnts", q, k, precision=HIGHEST) * (1.0 / math.sqrt(self.dim_head))
+        keys, values = k, v
+        if past is not None:
+            keys = jnp.concatenate([past[0].astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
+        scores = jnp.einsum("btnh,bsnh->bnts", q, keys, precision=HIGHEST) * (1.0 / math.sqrt(self.dim_head))
         scores = jnp.where(mask[:, None, :, :], scores.astype(jnp.float32), -jnp.inf)  # [B, N, T, S]
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnts,bsnh->btnh", probs, v, precision=HIGHEST).reshape(batch, frames, inner)
+        out = jnp.einsum("bnts,bsnh->btnh", probs, values, precision=HIGHEST).reshape(batch, frames, inner)
         # Upstream then zeroes rows where mask[:, 0, -1] is False; that only matters for its own
         # right-padded batches (never used at inference), so it is left out.
         out = nn.Dense(self.dim, precision=HIGHEST, name="to_out_0")(out)
-        return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+        return nn.Dropout(self.dropout)(out, deterministic=deterministic), k, v
 
 
 class FeedForward(nn.Module):
@@ -225,14 +251,18 @@ class DiTBlock(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, temb: Array, mask: Array, positions: Array, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, temb: Array, mask: Array, positions: Array, deterministic: bool = True,
+                 past: tuple[Array, Array] | None = None) -> tuple[Array, Array, Array]:
+        """-> (x, k, v): the block output and its attention's k, v [B, T, N, H] (see ``Attention``)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLayerNormZero(
             self.dim, name="attn_norm")(temb)
         norm = layer_norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        x = x + gate_msa[:, None] * Attention(self.dim, self.heads, self.dim_head, self.dropout, name="attn")(
-            norm, mask, positions, deterministic)
+        attn, k, v = Attention(self.dim, self.heads, self.dim_head, self.dropout, name="attn")(
+            norm, mask, positions, deterministic, past)
+        x = x + gate_msa[:, None] * attn
         norm = layer_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        return x + gate_mlp[:, None] * FeedForward(self.dim, self.ff_mult, self.dropout, name="ff")(norm, deterministic)
+        x = x + gate_mlp[:, None] * FeedForward(self.dim, self.ff_mult, self.dropout, name="ff")(norm, deterministic)
+        return x, k, v
 
 
 class DiT(nn.Module):
@@ -256,16 +286,49 @@ class DiT(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, mu: Array, t: Array, spks: Array, cond: Array, lengths: Array,
-                 streaming: bool = False, deterministic: bool = True) -> Array:
+                 streaming: bool = False, deterministic: bool = True, cache: Mapping[str, Array] | None = None):
+        """-> velocity [B, T, C]; with ``cache``, (velocity, new cache entries).
+
+        Incremental use (``cache`` given): x, mu, cond hold only the frames ``start .. start+T-1``
+        of a longer sequence whose earlier frames were computed before; ``lengths`` [B] counts the
+        valid frames among these T.  ``cache`` = {"k", "v": [depth, B, S0, N, H] keys/values of the
+        earlier frames (slots at or past ``start`` are ignored), "tail1", "tail2": [B, K-1, D] the
+        conv position embedding's input tails, "start": int32 scalar, optionally "tail_at": [B] the
+        frame the new tails end at (default ``lengths``)}.  Returns the velocity of the
+        new frames and {"k", "v": [depth, B, T, N, H], "tail1", "tail2"} for the next call.  Every
+        earlier frame is visible (they lie in earlier chunks), so with chunk-aligned calls this
+        equals the full-sequence forward on these frames.
+        """
         frames = x.shape[1]
         temb = TimestepEmbedding(self.dim, self.time_freq_dim, name="time_embed")(t)  # [B, D]
-        h = InputEmbedding(self.dim, self.conv_pos_kernel, self.conv_pos_groups, name="input_embed")(
-            x, cond, mu, spks)  # [B, T, D]
-        mask = attention_mask(lengths, frames, self.static_chunk_size, streaming)
-        positions = jnp.arange(frames)
+        embed = InputEmbedding(self.dim, self.conv_pos_kernel, self.conv_pos_groups, name="input_embed")
+        if cache is None:
+            h = embed(x, cond, mu, spks)  # [B, T, D]
+            mask = attention_mask(lengths, frames, self.static_chunk_size, streaming)
+            positions = jnp.arange(frames)
+        else:
+            h, tails = embed(x, cond, mu, spks, (cache["tail1"], cache["tail2"]), cache.get("tail_at", lengths))
+            start = cache["start"]
+            positions = start + jnp.arange(frames)
+            past_frames = cache["k"].shape[2]
+            new_mask = attention_mask(lengths, frames, self.static_chunk_size, streaming)  # relative
+            if streaming and self.static_chunk_size > 0:  # chunks count from absolute frame 0
+                end = (positions // self.static_chunk_size + 1) * self.static_chunk_size  # [T]
+                new_mask = (jnp.arange(frames)[None, None, :] < lengths[:, None, None]) & (
+                    positions[None, None, :] < end[None, :, None])
+            past_mask = jnp.broadcast_to((jnp.arange(past_frames) < start)[None, None, :],
+                                         (x.shape[0], frames, past_frames))
+            mask = jnp.concatenate([past_mask, new_mask], axis=-1)  # [B, T, S0 + T]
+        ks, vs = [], []
         for i in range(self.depth):
-            h = DiTBlock(self.dim, self.heads, self.dim_head, self.ff_mult, self.dropout,
-                         name=f"transformer_blocks_{i}")(h, temb, mask, positions, deterministic)
+            past = None if cache is None else (cache["k"][i], cache["v"][i])
+            h, k, v = DiTBlock(self.dim, self.heads, self.dim_head, self.ff_mult, self.dropout,
+                               name=f"transformer_blocks_{i}")(h, temb, mask, positions, deterministic, past)
+            ks.append(k)
+            vs.append(v)
         scale, shift = AdaLayerNormZeroFinal(self.dim, name="norm_out")(temb)
         h = layer_norm(h) * (1 + scale[:, None]) + shift[:, None]
-        return nn.Dense(self.mel_dim, precision=HIGHEST, name="proj_out")(h)
+        out = nn.Dense(self.mel_dim, precision=HIGHEST, name="proj_out")(h)
+        if cache is None:
+            return out
+        return out, {"k": jnp.stack(ks), "v": jnp.stack(vs), "tail1": tails[0], "tail2": tails[1]}

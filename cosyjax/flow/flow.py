@@ -87,11 +87,12 @@ class Flow(nn.Module):
         return spks, self.pre_lookahead_layer(x)
 
     def estimate(self, x: Array, mu: Array, t: Array, spks: Array, cond: Array, lengths: Array,
-                 streaming: bool = False, deterministic: bool = True) -> Array:
+                 streaming: bool = False, deterministic: bool = True, cache: Mapping[str, Array] | None = None):
         """DiT velocity: x, mu, cond [B, T, C], t [B], spks [B, C], lengths [B] -> [B, T, C].
 
-        ``deterministic=False`` applies the config's dropout (needs a ``"dropout"`` rng)."""
-        return self.estimator(x, mu, t, spks, cond, lengths, streaming, deterministic)
+        ``deterministic=False`` applies the config's dropout (needs a ``"dropout"`` rng).  With
+        ``cache`` the DiT runs incrementally and also returns its new cache entries (``DiT``)."""
+        return self.estimator(x, mu, t, spks, cond, lengths, streaming, deterministic, cache)
 
     def __call__(self, tokens: Array, embedding: Array, x: Array) -> Array:
         """Touches every param (for init): a full-attention estimator call on the encoded tokens."""

@@ -1,0 +1,255 @@
+"""Incremental (linear-cost) streaming of the flow: each mel frame is integrated once.
+
+Upstream streams by re-running the whole flow (10 Euler steps x CFG over prompt + every token so
+far) at every hop and keeping the new frames: the work per hop grows with the stream.  With
+chunked attention (``streaming=True``) a frame only sees frames of its own and earlier DiT chunks
+(``static_chunk_size`` frames, counted from frame 0), the position embedding is a causal conv and
+every other op is per frame, so the frames of complete chunks do not change when more tokens
+arrive.  This module keeps, per Euler step and CFG branch, every layer's attention keys/values and
+the conv position embedding's input tails, and at each push integrates only:
+
+- the frames after the last complete chunk (an incomplete chunk is recomputed on the next push,
+  with the keys that arrived since, exactly as the re-run sees them), and
+- the new frames, whose queries attend to the cached keys of all earlier frames.
+
+With upstream's hop schedule (hops aligned to DiT chunks) each push therefore computes exactly the
+new frames, and the result equals the re-run up to float32 summation order (tests/test_flow_stream.py
+checks both against ``flow_inference``).  ``mu`` for the new frames comes from a token window
+(``pre_lookahead_len`` tokens of right context and the conv's 2 of left context), so no push
+touches the whole sequence except through attention.
+
+Cost: per push, DiT work for the new frames plus attention over the cache; memory: the cache holds
+2 (k, v) x n_timesteps x depth x 2 (CFG) x heads x dim_head values per frame (3.6 MB per frame
+for the release in float32, ``cache_dtype=bfloat16`` halves it).  The cache capacity grows by
+doubling (one compile per capacity and per new-frame bucket).
+
+Rows of a batch advance together: they share the prompt token/mel lengths and the pushed token
+count (the streaming server path is one request per state).
+
+Legend: B batch, S Euler steps, L DiT depth, N heads, H head dim, D DiT width, T frames, C mel bins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cosyjax.config import FlowConfig
+from cosyjax.flow.flow import Flow, _as_f32, _int_rows, make_flow
+from cosyjax.flow.solver import cosine_t_schedule
+
+Array = jax.Array
+CONV2_LEFT = 2  # PreLookaheadLayer.conv2: kernel 3, left-causal
+MIN_CAPACITY_CHUNKS = 8
+
+
+@dataclasses.dataclass
+class FlowStreamState:
+    """One stream's flow state (host object holding device arrays).
+
+    Attributes:
+      cache: {"k", "v": [S, L, 2B, capacity, N, H], "tail1", "tail2": [S, 2B, K-1, D]}.
+      frames: frames whose keys/values and tails are final (a multiple of the chunk size).
+      mel: [B, frames_computed, C] every frame computed so far (host; frames past ``frames`` are
+        provisional and recomputed by the next push).
+      prompt_tokens: [B, P]; prompt_feat: [B, F1, C]; embedding: [B, E].
+      finished: True after a ``finalize`` push.
+    """
+
+    cache: dict[str, Array]
+    frames: int
+    mel: np.ndarray
+    prompt_tokens: np.ndarray
+    prompt_feat: np.ndarray
+    embedding: np.ndarray
+    finished: bool = False
+
+    @property
+    def capacity(self) -> int:
+        return int(self.cache["k"].shape[3])
+
+
+def _chunk(cfg: FlowConfig) -> int:
+    if cfg.static_chunk_size <= 0:
+        raise ValueError("incremental flow streaming needs chunked attention (static_chunk_size > 0)")
+    if cfg.static_chunk_size % cfg.token_mel_ratio:
+        raise ValueError(f"static_chunk_size={cfg.static_chunk_size} is not a multiple of "
+                         f"token_mel_ratio={cfg.token_mel_ratio}")
+    return cfg.static_chunk_size
+
+
+def cache_bytes_per_frame(cfg: FlowConfig, batch: int = 1, dtype: Any = jnp.float32) -> int:
+    """Bytes of K/V cache per mel frame (the memory cost of incremental streaming)."""
+    return 2 * cfg.n_timesteps * cfg.depth * 2 * batch * cfg.heads * cfg.dim_head * jnp.dtype(dtype).itemsize
+
+
+def _empty_cache(cfg: FlowConfig, batch: int, capacity: int, dtype: Any) -> dict[str, Array]:
+    kv = (cfg.n_timesteps, cfg.depth, 2 * batch, capacity, cfg.heads, cfg.dim_head)
+    tail = (cfg.n_timesteps, 2 * batch, cfg.conv_pos_kernel - 1, cfg.dim)
+    return {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype),
+            "tail1": jnp.zeros(tail, jnp.float32), "tail2": jnp.zeros(tail, jnp.float32)}
+
+
+def flow_stream_init(cfg: FlowConfig, prompt_token: Any, prompt_feat: Any, embedding: Any, *,
+                     capacity: int | None = None, cache_dtype: Any = jnp.float32) -> FlowStreamState:
+    """Start a stream.
+
+    Args:
+      prompt_token: [B, P] prompt speech tokens (P may be 0); prompt_feat: [B, F1, C] prompt mel;
+      embedding: [B, E] raw speaker embedding.  Same meaning as in ``flow_inference``.
+      capacity: initial cache capacity in frames (grows by doubling when exceeded).
+      cache_dtype: float32 (default, parity) or bfloat16 (half the memory).
+    """
+    prompt_token = _int_rows("prompt_token", prompt_token, None)
+    batch = prompt_token.shape[0]
+    prompt_feat = np.asarray(prompt_feat, np.float32)
+    embedding = np.asarray(embedding, np.float32)
+    if batch == 0:
+        raise ValueError("prompt_token: empty batch")
+    if prompt_feat.ndim != 3 or prompt_feat.shape[0] != batch or prompt_feat.shape[2] != cfg.output_size:
+        raise ValueError(f"prompt_feat: expected [batch={batch}, frames, {cfg.output_size}], found {prompt_feat.shape}")
+    if embedding.shape != (batch, cfg.spk_embed_dim):
+        raise ValueError(f"embedding: expected shape ({batch}, {cfg.spk_embed_dim}), found {embedding.shape}")
+    if not (np.isfinite(prompt_feat).all() and np.isfinite(embedding).all()):
+        raise ValueError("prompt_feat/embedding: contain NaN or inf")
+    if prompt_token.size and (prompt_token.min() < 0 or prompt_token.max() >= cfg.vocab_size):
+        raise ValueError(f"prompt_token: ids must lie in [0, {cfg.vocab_size})")
+    chunk = _chunk(cfg)
+    cap = max(capacity or 0, MIN_CAPACITY_CHUNKS * chunk)
+    cap = -(-cap // chunk) * chunk
+    return FlowStreamState(_empty_cache(cfg, batch, cap, cache_dtype), 0,
+                           np.zeros((batch, 0, cfg.output_size), np.float32), prompt_token, prompt_feat, embedding)
+
+
+def _grow(cache: dict[str, Array], capacity: int) -> dict[str, Array]:
+    extra = capacity - cache["k"].shape[3]
+    pad = [(0, 0)] * 3 + [(0, extra)] + [(0, 0)] * 2
+    return {**cache, "k": jnp.pad(cache["k"], pad), "v": jnp.pad(cache["v"], pad)}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "window_offset"), donate_argnames=("cache",))
+def _push_core(params: Mapping[str, Any], cache: dict[str, Array], tokens: Array, token_mask: Array,
+               embedding: Array, feat: Array, noise: Array, start: Array, valid: Array, keep: Array, *,
+               cfg: FlowConfig, window_offset: int) -> tuple[Array, dict[str, Array]]:
+    """Integrate frames start .. start+T-1 (T static) against the cache.
+
+    tokens/token_mask [B, W]: the token window (W = T/ratio + left + lookahead), whose position
+    ``window_offset`` is the token of frame ``start``; feat [B, T, C] cond (prompt mel or zeros);
+    noise [1, T, C]; valid: frames among T that exist; keep: frames among T whose keys become final.
+    Returns (x [B, T, C], the cache with the new frames' keys/values written at ``start``).
+    """
+    model = make_flow(cfg)
+    variables = {"params": _as_f32(params)}
+    frames = feat.shape[1]
+    batch = feat.shape[0]
+    spks, h = model.apply(variables, tokens, token_mask, embedding, method=Flow.encode)  # h [B, W, C]
+    h = jax.lax.dynamic_slice_in_dim(h, window_offset, frames // cfg.token_mel_ratio, axis=1)
+    mu = jnp.repeat(h, cfg.token_mel_ratio, axis=1)  # [B, T, C]
+    mu2 = jnp.concatenate([mu, jnp.zeros_like(mu)], axis=0)
+    spks2 = jnp.concatenate([spks, jnp.zeros_like(spks)], axis=0)
+    cond2 = jnp.concatenate([feat, jnp.zeros_like(feat)], axis=0)
+    lengths2 = jnp.full((2 * batch,), valid, jnp.int32)
+    keep2 = jnp.full((2 * batch,), keep, jnp.int32)
+    ts, dts = cosine_t_schedule(cfg.n_timesteps)
+    w_cond, w_uncond = np.float32(1.0 + cfg.inference_cfg_rate), np.float32(cfg.inference_cfg_rate)
+    x0 = jnp.broadcast_to(noise, mu.shape)
+
+    def step(x, per_step):
+        t, dt, k, v, tail1, tail2 = per_step
+        step_cache = {"k": k, "v": v, "tail1": tail1, "tail2": tail2, "start": start}
+        x2 = jnp.concatenate([x, x], axis=0)
+        vel, new = model.apply(variables, x2, mu2, jnp.full((2 * batch,), t), spks2, cond2, lengths2, True,
+                               True, {**step_cache, "tail_at": keep2}, method=Flow.estimate)
+        vel = w_cond * vel[:batch] - w_uncond * vel[batch:]
+        return x + dt * vel, (new["k"].astype(k.dtype), new["v"].astype(v.dtype), new["tail1"], new["tail2"])
+
+    x, (k_new, v_new, tail1, tail2) = jax.lax.scan(
+        step, x0, (jnp.asarray(ts), jnp.asarray(dts), cache["k"], cache["v"], cache["tail1"], cache["tail2"]))
+    zero = jnp.zeros((), jnp.int32)
+    index = (zero, zero, zero, start, zero, zero)
+    return x, {"k": jax.lax.dynamic_update_slice(cache["k"], k_new, index),
+               "v": jax.lax.dynamic_update_slice(cache["v"], v_new, index),
+               "tail1": tail1, "tail2": tail2}
+
+
+def flow_stream_push(params: Mapping[str, Any], state: FlowStreamState, token: Any, *, cfg: FlowConfig,
+                     noise: Any, finalize: bool, out_from: int | None = None) -> tuple[np.ndarray, FlowStreamState]:
+    """Extend the stream to the target tokens ``token`` [B, Nt] (all so far, as upstream passes them).
+
+    Equivalent to ``flow_inference(params, token, prompt, ..., streaming=True, finalize=finalize)``
+    on the whole prefix, computing only frames not computed before.
+
+    Args:
+      token: every target token so far [B, Nt]; must extend the tokens of earlier pushes.
+      finalize: False holds the last ``pre_lookahead_len`` tokens back as look-ahead (upstream's
+        non-final hop); True ends the stream.
+      out_from: first generated frame (counted after the prompt mel, like ``flow_inference``'s
+        output) to return; default: the first frame this push computed or recomputed, clipped to
+        the prompt end.
+    Returns:
+      (mel [B, T_out, C] generated frames ``out_from ..`` of the prefix, the new state).  The state
+      is updated in place as well (its cache buffers are donated).
+    """
+    if state.finished:
+        raise ValueError("flow stream already finalized")
+    token = _int_rows("token", token, state.prompt_tokens.shape[0])
+    if token.size and (token.min() < 0 or token.max() >= cfg.vocab_size):
+        raise ValueError(f"token: ids must lie in [0, {cfg.vocab_size})")
+    chunk = _chunk(cfg)
+    ratio = cfg.token_mel_ratio
+    batch, num_prompt = state.prompt_tokens.shape
+    feat_len = state.prompt_feat.shape[1]
+    all_tokens = np.concatenate([state.prompt_tokens, token], axis=1)  # [B, P + Nt]
+    total = all_tokens.shape[1]
+    held = 0 if finalize else cfg.pre_lookahead_len
+    mel_len = ratio * (total - held)
+    if mel_len <= feat_len:
+        raise ValueError(f"{total} tokens give {mel_len} mel frames, not more than the {feat_len} prompt frames")
+    if mel_len < state.mel.shape[1]:
+        raise ValueError(f"token: {token.shape[1]} tokens give fewer frames ({mel_len}) than already computed "
+                         f"({state.mel.shape[1]}); pushes must extend the stream")
+    noise = np.asarray(noise)
+    if mel_len > noise.shape[2]:
+        raise ValueError(f"{mel_len} mel frames exceed the {noise.shape[2]}-frame noise buffer")
+    start = state.frames
+    new = mel_len - start
+    frames = -(-new // chunk) * chunk  # static bucket: whole chunks
+    keep = mel_len if finalize else (mel_len // chunk) * chunk
+    if start + frames > state.capacity:
+        capacity = state.capacity
+        while capacity < start + frames:
+            capacity *= 2
+        state.cache = _grow(state.cache, capacity)
+    # token window: CONV2_LEFT tokens of left context (none at the start), lookahead on the right
+    first = start // ratio
+    w0 = max(0, first - CONV2_LEFT)
+    width = frames // ratio + CONV2_LEFT + cfg.pre_lookahead_len
+    window = np.zeros((batch, width), np.int32)
+    avail = all_tokens[:, w0:w0 + width]
+    window[:, :avail.shape[1]] = avail
+    mask = np.zeros((batch, width), bool)
+    mask[:, :avail.shape[1]] = True
+    feat = np.zeros((batch, frames, cfg.output_size), np.float32)
+    if start < feat_len:
+        part = state.prompt_feat[:, start:min(feat_len, start + frames)]
+        feat[:, :part.shape[1]] = part
+    noise_t = np.zeros((1, frames, cfg.output_size), np.float32)
+    used = max(0, min(frames, noise.shape[2] - start))
+    noise_t[0, :used] = np.transpose(noise[0, :, start:start + used])
+    x, state.cache = _push_core(params, state.cache, jnp.asarray(window), jnp.asarray(mask),
+                                jnp.asarray(state.embedding), jnp.asarray(feat), jnp.asarray(noise_t),
+                                jnp.int32(start), jnp.int32(new), jnp.int32(keep - start),
+                                cfg=cfg, window_offset=first - w0)
+    x = np.asarray(x)[:, :new]
+    state.mel = np.concatenate([state.mel[:, :start], x], axis=1)
+    state.frames = keep
+    state.finished = finalize
+    if out_from is not None and out_from < 0:
+        raise ValueError(f"out_from={out_from} must be >= 0")
+    begin = max(start, feat_len) - feat_len if out_from is None else min(out_from, mel_len - feat_len)
+    return state.mel[:, feat_len + begin:], state
