@@ -133,3 +133,24 @@ def test_cli_tts_writes_a_wav_atomically(converted, prompt_wav, tmp_path):
     assert r.returncode == 2 and "--prompt-text" in r.stderr
     assert not bad.exists()
     assert sorted(os.listdir(tmp_path)) == ["out.wav"]  # no temp files left behind
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["offline", "stream"])
+def test_cli_tts_all_four_modes(converted, prompt_wav, tmp_path, stream, capsys):
+    """Issue acceptance: `cosyjax tts --model-dir tests/data/tiny-release ...` for every mode, stream or not
+    (in-process `main`, so the four runs share compiled functions)."""
+    from cosyjax.cli import main
+
+    common = ["--model-dir", RELEASE, "--converted-dir", converted, "--prompt-wav", prompt_wav] + (
+        ["--stream"] if stream else [])
+    runs = {"zero_shot": ["--text", "Hello world.", "--prompt-text", PROMPT_TEXT],
+            "cross_lingual": ["--text", "You are a helpful assistant.<|endofprompt|>Hello world."],
+            "instruct2": ["--text", "Hello world.", "--instruct-text",
+                          "You are a helpful assistant. Speak slowly.<|endofprompt|>"],
+            "vc": ["--source-wav", prompt_wav]}
+    for mode, extra in runs.items():
+        out = tmp_path / f"{mode}.wav"
+        assert main(["tts", "--mode", mode, *common, *extra, "-o", str(out)]) == 0, capsys.readouterr().err
+        audio, sr = soundfile.read(out)
+        assert sr == 24000 and audio.size > 0 and np.isfinite(audio).all()
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{m}.wav" for m in runs)
