@@ -49,6 +49,26 @@ CONFIG.yaml (plain yaml; ``~`` marks an optional key and its default)::
       speech_len: ~                 # ~ forced LLM tokens; default: enough for three stream hops
       silent_run: 8                 # ~ length of a run of silent tokens in them (filter drops run - 5)
       speed: 1.5                    # ~ speed of the extra non-stream run (tts/audio_speed)
+    train: false                    # ~ also write groups train_llm, train_llm_lsm, train_flow and
+                                    #   train_flow_stream: upstream's training forward (CosyVoice3LM.forward,
+                                    #   CausalMaskedDiffWithDiT.forward) on a padded batch, its loss and
+                                    #   torch autograd gradients of every parameter (see _run_train)
+    train_case:                     # ~ used when train is true; per-row lists (one entry per batch row)
+      llm_text_len: [6, 3, 5, 5]    # ~ text tokens per row
+      llm_speech_len: [20, 11, 8, 16]  # ~ speech tokens per row (bistream needs speech/text > 15/5)
+      llm_instruct_len: [2, 0, 3, 0]   # ~ instruct tokens per row (through embed_tokens)
+      llm_draws: [0.3, 0.7, 0.1, 0.4]  # ~ what upstream's per-row random.random() returns (forced;
+                                       #   bistream iff < 0.5 and the row is eligible)
+      lsm_weight: 0.1               # ~ train_llm_lsm: LabelSmoothingLoss(smoothing) normalised by batch size
+      flow_token_len: [7, 4, 6]     # ~ speech tokens per flow row (speech_feat_len = 2 * this)
+      flow_draws: [0.9, 0.8, 0.2, 0.6]     # ~ train_flow: forced random.random() values: streaming
+                                           #   (< 0.5: True), then per row (< 0.5: no prompt)
+      flow_stream_draws: [0.1, 0.3, 0.7, 0.55]  # ~ the same for train_flow_stream
+      flow_prompt_fraction: [1.0, 0.5]     # ~ forced random.randint(0, m) results, as fractions of m
+                                           #   (used in turn, cycling)
+      flow_cfg_rand: [0.9, 0.5, 0.1]       # ~ train_flow: forced torch.rand(b) of the CFG dropout
+                                           #   (row dropped where <= training_cfg_rate = 0.2)
+      flow_stream_cfg_rand: [0.05, 0.6, 0.8]  # ~ the same for train_flow_stream
     case:                           # input lengths
       prompt_text_len: 5
       text_len: 7                   # min_len = 2*text_len, max_len = 20*text_len (upstream)
@@ -121,6 +141,12 @@ _SCHEMA: dict[str, Any] = {
              "hift_mel_len": None},
     "e2e": False,
     "e2e_case": {"speech_len": None, "silent_run": 8, "speed": 1.5},
+    "train": False,
+    "train_case": {"llm_text_len": [6, 3, 5, 5], "llm_speech_len": [20, 11, 8, 16], "llm_instruct_len": [2, 0, 3, 0],
+                   "llm_draws": [0.3, 0.7, 0.1, 0.4], "lsm_weight": 0.1, "flow_token_len": [7, 4, 6],
+                   "flow_draws": [0.9, 0.8, 0.2, 0.6], "flow_stream_draws": [0.1, 0.3, 0.7, 0.55],
+                   "flow_prompt_fraction": [1.0, 0.5], "flow_cfg_rand": [0.9, 0.5, 0.1],
+                   "flow_stream_cfg_rand": [0.05, 0.6, 0.8]},
 }
 
 
@@ -216,10 +242,46 @@ def load_case_config(path: str) -> dict[str, Any]:
     _pos_int(cfg, "e2e_case.silent_run", 0)
     if not isinstance(e["speed"], (int, float)) or isinstance(e["speed"], bool) or e["speed"] <= 0:
         raise MakeCaseError(f"e2e_case.speed={e['speed']!r}: expected a positive number")
+    _check_train_case(cfg)
     for key in ("greedy_min_margin", "f0_median", "hift_conv_post_std"):
         if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool) or cfg[key] <= 0:
             raise MakeCaseError(f"{key}={cfg[key]!r}: expected a positive number")
     return cfg
+
+
+def _check_train_case(cfg: dict[str, Any]) -> None:
+    """Validate ``train`` / ``train_case`` (lists per row, forced draws in [0, 1))."""
+    if not isinstance(cfg["train"], bool):
+        raise MakeCaseError(f"train={cfg['train']!r}: expected true or false")
+    t = cfg["train_case"]
+
+    def numbers(key: str, kind: type, low: float, high: float | None = None, length: int | None = None) -> list:
+        v = t[key]
+        ok = isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if ok and kind is int:
+            ok = all(isinstance(x, int) for x in v)
+        if ok:
+            ok = all(x >= low and (high is None or x < high) for x in v)
+        if not ok:
+            bound = f"[{low}, {high})" if high is not None else f">= {low}"
+            raise MakeCaseError(f"train_case.{key}={v!r}: expected a non-empty list of {kind.__name__}s {bound}")
+        if length is not None and len(v) != length:
+            raise MakeCaseError(f"train_case.{key}: {len(v)} entries, expected {length} (one per row)")
+        return v
+
+    rows = len(numbers("llm_text_len", int, 1))
+    numbers("llm_speech_len", int, 1, length=rows)
+    numbers("llm_instruct_len", int, 0, length=rows)
+    numbers("llm_draws", float, 0.0, 1.0, length=rows)
+    lsm = t["lsm_weight"]
+    if not isinstance(lsm, (int, float)) or isinstance(lsm, bool) or not 0.0 < lsm < 1.0:
+        raise MakeCaseError(f"train_case.lsm_weight={lsm!r}: expected a number in (0, 1)")
+    flow_rows = len(numbers("flow_token_len", int, 1))
+    for key in ("flow_draws", "flow_stream_draws"):
+        numbers(key, float, 0.0, 1.0, length=flow_rows + 1)
+    numbers("flow_prompt_fraction", float, 0.0, 1.0 + 1e-9)
+    for key in ("flow_cfg_rand", "flow_stream_cfg_rand"):
+        numbers(key, float, 0.0, 1.0, length=flow_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1036,8 +1098,399 @@ def _run_tts(models: dict[str, Any], inp: dict[str, Any], cfg: dict[str, Any], s
             "noise_samples": length}
 
 
+# --------------------------------------------------------------------------------------------
+# training losses (groups train_llm, train_llm_lsm, train_flow, train_flow_stream)
+# --------------------------------------------------------------------------------------------
+class _RandomTap:
+    """Stands in for the ``random`` module inside one upstream module and records every draw.
+
+    Record mode: ``random()`` returns the next forced value of ``script`` and ``randint(a, b)``
+    returns ``a + round(f * (b - a))`` for the next forced fraction f of ``fractions`` (cycling);
+    running out of forced ``random()`` values is an error, so every draw upstream makes is one we
+    chose and recorded.  Replay mode (``replay`` = another tap's ``calls``): returns the recorded
+    values in order and fails if upstream calls anything else.  Any other attribute of ``random``
+    fails loudly.
+    """
+
+    def __init__(self, script=(), fractions=(1.0,), replay=None):
+        self._script = list(script)
+        self._fractions = list(fractions)
+        self._replay = None if replay is None else list(replay)
+        self._randint_calls = 0
+        self.calls: list[tuple[str, tuple, Any]] = []
+
+    def _next(self, name: str, args: tuple) -> Any:
+        if self._replay is not None:
+            if not self._replay:
+                raise MakeCaseError(f"replay: upstream drew random.{name}{args} beyond the recorded draws")
+            rec_name, rec_args, value = self._replay.pop(0)
+            if (rec_name, rec_args) != (name, args):
+                raise MakeCaseError(f"replay: upstream drew random.{name}{args}, recorded random.{rec_name}{rec_args}")
+            return value
+        if name == "random":
+            if not self._script:
+                raise MakeCaseError("upstream drew more random.random() values than train_case forces")
+            return float(self._script.pop(0))
+        a, b = args
+        f = self._fractions[self._randint_calls % len(self._fractions)]
+        self._randint_calls += 1
+        return int(a + round(f * (b - a)))
+
+    def random(self) -> float:
+        value = self._next("random", ())
+        self.calls.append(("random", (), value))
+        return value
+
+    def randint(self, a: int, b: int) -> int:
+        value = self._next("randint", (int(a), int(b)))
+        self.calls.append(("randint", (int(a), int(b)), value))
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        raise MakeCaseError(f"upstream used random.{name}, which the make-case tap does not capture")
+
+
+class _TorchRandomTap:
+    """Stands in for ``torch`` inside ``cosyvoice.flow.flow_matching``: records ``torch.rand`` and
+    ``torch.randn_like`` (drawn from the global torch RNG, or ``forced_1d`` for a 1-D ``rand``), or
+    replays recorded ones; every other attribute is torch's own."""
+
+    def __init__(self, torch_module: Any, forced_1d: Any = None, replay=None):
+        self._torch = torch_module
+        self._forced_1d = forced_1d
+        self._replay = None if replay is None else list(replay)
+        self.calls: list[tuple[str, tuple[int, ...], Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._torch, name)
+
+    def _take(self, name: str, shape: tuple[int, ...], draw: Callable[[], Any]) -> Any:
+        if self._replay is not None:
+            if not self._replay:
+                raise MakeCaseError(f"replay: upstream drew torch.{name}{shape} beyond the recorded draws")
+            rec_name, rec_shape, value = self._replay.pop(0)
+            if (rec_name, rec_shape) != (name, shape):
+                raise MakeCaseError(f"replay: upstream drew torch.{name}{shape}, recorded torch.{rec_name}{rec_shape}")
+            out = value.clone()
+        else:
+            out = draw()
+        self.calls.append((name, shape, out.detach().clone()))
+        return out
+
+    def rand(self, *size: Any, **kwargs: Any) -> Any:
+        shape = tuple(int(s) for s in (size[0] if len(size) == 1 and isinstance(size[0], (list, tuple)) else size))
+
+        def draw():
+            if self._forced_1d is not None and len(shape) == 1:
+                forced = self._torch.tensor(self._forced_1d, dtype=kwargs.get("dtype") or self._torch.float32)
+                if tuple(forced.shape) != shape:
+                    raise MakeCaseError(f"forced torch.rand{shape}: {len(self._forced_1d)} values given")
+                return forced
+            return self._torch.rand(*size, **kwargs)
+
+        return self._take("rand", shape, draw)
+
+    def randn_like(self, x: Any, **kwargs: Any) -> Any:
+        return self._take("randn_like", tuple(x.shape), lambda: self._torch.randn_like(x, **kwargs))
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+def _loss_and_grads(module: Any, call: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``call()`` (a training forward returning {"loss", ...}) with autograd; gradients of every
+    parameter that got one, by ``named_parameters`` name (tied parameters appear once)."""
+    import torch
+
+    module.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        out = call()
+        out["loss"].backward()
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()}, grads
+
+
+def _same_run(a: tuple[dict[str, Any], dict[str, Any]], b: tuple[dict[str, Any], dict[str, Any]]) -> bool:
+    import torch
+
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    return (set(out_a) == set(out_b) and all(torch.equal(out_a[k], out_b[k]) for k in out_a)
+            and set(grads_a) == set(grads_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a))
+
+
+def _perturb_global_rngs() -> None:
+    """Reseed the global RNGs before a replay: a draw the taps missed would then change the result."""
+    import random
+
+    import torch
+
+    random.seed(987654321)
+    np.random.seed(98765)
+    torch.manual_seed(987654321)
+
+
+def _train_inputs(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Padded training batches (upstream's ``padding`` layout: ids right-padded with 0, int32 lengths)."""
+    import torch
+
+    t = cfg["train_case"]
+    gen = torch.Generator().manual_seed(seed * 1000003 + 41)
+    vocab, s = cfg["qwen"]["vocab_size"], cfg["speech_token_size"]
+
+    def padded(lengths, upper):
+        rows = [torch.randint(0, upper, (n,), generator=gen) for n in lengths]
+        width = max(lengths)
+        out = torch.zeros(len(rows), width, dtype=torch.int64)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+        return out, torch.tensor(lengths, dtype=torch.int32)
+
+    text, text_len = padded(t["llm_text_len"], vocab)
+    speech, speech_len = padded(t["llm_speech_len"], s)
+    instruct, instruct_len = padded(t["llm_instruct_len"], vocab) if max(t["llm_instruct_len"]) else (
+        torch.zeros(len(t["llm_instruct_len"]), 0, dtype=torch.int64),
+        torch.tensor(t["llm_instruct_len"], dtype=torch.int32))
+    llm = {"text_token": text, "text_token_len": text_len, "speech_token": speech, "speech_token_len": speech_len,
+           "instruct_token": instruct, "instruct_token_len": instruct_len}
+
+    token, token_len = padded(t["flow_token_len"], s)
+    ratio = 2  # token_mel_ratio in the rendered yaml
+    feat_len = token_len * ratio
+    frames = ratio * token.shape[1]
+    base = -2.0 - 6.0 * torch.arange(80, dtype=torch.float32) / 79.0
+    noise = torch.randn(len(feat_len), frames + 1, 80, generator=gen)
+    feat = (base + 2.0 * 0.5 * (noise[:, 1:] + noise[:, :-1])).clamp(min=-11.5129)
+    feat = feat * (torch.arange(frames)[None, :, None] < feat_len[:, None, None])  # zero padding
+    flow = {"speech_token": token, "speech_token_len": token_len, "speech_feat": feat.contiguous(),
+            "speech_feat_len": feat_len.to(torch.int32),
+            "embedding": torch.randn(len(feat_len), cfg["spk_embed_dim"], generator=gen)}
+    return {"llm": llm, "flow": flow}
+
+
+def _put_grads(out: _Arrays, group: str, grads: dict[str, Any], what: str) -> None:
+    for name, g in grads.items():
+        out.put(f"{group}/grad/{name}", g, f"d {what} / d {name} (torch autograd, torch layout)")
+
+
+def _run_train_llm(lm: Any, batch: dict[str, Any], cfg: dict[str, Any], out: _Arrays) -> dict[str, Any]:
+    import torch
+    from cosyvoice.transformer.label_smoothing_loss import LabelSmoothingLoss
+
+    llm_module = sys.modules[type(lm).prepare_lm_input_target.__module__]  # where `random` is looked up
+    t = cfg["train_case"]
+    v = lm.speech_token_size + 200
+    info: dict[str, Any] = {}
+    for group, smoothing, normalize in (("train_llm", None, None), ("train_llm_lsm", float(t["lsm_weight"]), False)):
+
+        def run(tap):
+            captured = {}
+            original = lm.prepare_lm_input_target
+
+            def spy(*args, **kwargs):
+                target, lm_input, lm_input_len = original(*args, **kwargs)
+                captured["target"], captured["len"] = target.detach().clone(), lm_input_len.detach().clone()
+                return target, lm_input, lm_input_len
+
+            lm.prepare_lm_input_target = spy
+            try:
+                with _patched(llm_module, "random", tap):
+                    res = _loss_and_grads(lm, lambda: lm(batch, torch.device("cpu")))
+            finally:
+                del lm.prepare_lm_input_target
+            return res, captured
+
+        saved_criterion = lm.criterion_ce
+        if smoothing is not None:
+            lm.criterion_ce = LabelSmoothingLoss(size=v, padding_idx=-1, smoothing=smoothing,
+                                                 normalize_length=normalize)
+        criterion = lm.criterion_ce
+        try:
+            tap = _RandomTap(script=t["llm_draws"])
+            first, captured = run(tap)
+            _perturb_global_rngs()
+            replayed, _ = run(_RandomTap(replay=tap.calls))
+        finally:
+            lm.criterion_ce = saved_criterion
+        if not _same_run(first, replayed):
+            raise MakeCaseError(f"{group}: replaying the recorded draws does not reproduce the loss and gradients")
+        rows = batch["text_token"].shape[0]
+        if [c[0] for c in tap.calls] != ["random"] * rows:
+            raise MakeCaseError(f"{group}: expected one random.random() per row, upstream drew {tap.calls}")
+        draws = [c[2] for c in tap.calls]
+        m0, m1 = lm.mix_ratio
+        text_len, speech_len = batch["text_token_len"].tolist(), batch["speech_token_len"].tolist()
+        bistream = [d < 0.5 and n / max(lt, 1) > m1 / m0 for d, lt, n in zip(draws, text_len, speech_len)]
+        # what upstream actually laid out: a bistream row with a full text chunk has fill tokens
+        target = captured["target"]
+        for i in range(rows):
+            has_fill = bool((target[i] == lm.fill_token).any())
+            if has_fill != (bistream[i] and text_len[i] >= m0):
+                raise MakeCaseError(f"{group}: row {i} layout (fill tokens: {has_fill}) disagrees with its draw "
+                                    f"{draws[i]} and eligibility")
+        (res, grads) = first
+        g = group
+        if g == "train_llm":
+            for key in ("text_token", "speech_token", "instruct_token"):
+                out.put(f"{g}/{key}", batch[key], f"(B, max len) {key} ids, right-padded with 0 (upstream's padding)")
+                out.put(f"{g}/{key}_len", batch[f"{key}_len"], "(B,) valid ids per row")
+        out.put(f"{g}/lsm_weight", np.float32(criterion.smoothing),
+                "LabelSmoothingLoss smoothing of this run (train_llm: the yaml's lsm_weight; train_llm_lsm: "
+                "train_case.lsm_weight, with train_llm's inputs and draws)")
+        out.put(f"{g}/length_normalized", np.bool_(criterion.normalize_length),
+                "LabelSmoothingLoss normalize_length: loss / number of target positions (True) or / B (False)")
+        out.put(f"{g}/bistream_draw", np.asarray(draws, np.float32),
+                "(B,) value upstream's per-row random.random() returned in Qwen2LM.prepare_lm_input_target (forced "
+                "by make-case, recorded by a tap on cosyvoice.llm.llm.random)")
+        out.put(f"{g}/bistream", np.asarray(bistream, np.int64),
+                "(B,) 1 where the row was laid out bistream: draw < 0.5 and speech_len / text_len > mix_ratio[1] / "
+                "mix_ratio[0] (checked against the fill tokens of lm_target)")
+        out.put(f"{g}/lm_target", target, "(B, T) lm_target from prepare_lm_input_target, padded with IGNORE_ID = -1")
+        out.put(f"{g}/lm_input_len", captured["len"], "(B,) lm_input length per row")
+        out.put(f"{g}/loss", res["loss"], "CosyVoice3LM.forward loss (LabelSmoothingLoss over llm_decoder logits)")
+        out.put(f"{g}/acc", res["acc"], "th_accuracy: argmax == lm_target over non-ignored positions")
+        _put_grads(out, g, grads, f"{g}/loss")
+        info[g] = {"loss": float(res["loss"]), "acc": float(res["acc"]), "bistream": bistream}
+    return info
+
+
+def _run_train_flow(flow: Any, batch: dict[str, Any], cfg: dict[str, Any], seed: int, out: _Arrays
+                    ) -> dict[str, Any]:
+    import torch
+
+    flow_module = sys.modules[type(flow).forward.__module__]
+    cfm_module = sys.modules[type(flow.decoder).compute_loss.__module__]  # where compute_loss finds `torch`
+    t = cfg["train_case"]
+    rows = batch["speech_token"].shape[0]
+    info: dict[str, Any] = {}
+    for index, (group, draws_key, cfg_key) in enumerate((("train_flow", "flow_draws", "flow_cfg_rand"),
+                                                         ("train_flow_stream", "flow_stream_draws",
+                                                          "flow_stream_cfg_rand"))):
+
+        def run(tap, torch_tap):
+            captured: dict[str, Any] = {}
+            original = flow.decoder.compute_loss
+
+            def spy(x1, mask, mu, spks=None, cond=None, streaming=False):
+                captured.update(cond=cond.detach().clone(), streaming=streaming, mask=mask.detach().clone())
+                return original(x1, mask, mu, spks, cond=cond, streaming=streaming)
+
+            flow.decoder.compute_loss = spy
+            try:
+                with _patched(flow_module, "random", tap), _patched(cfm_module, "torch", torch_tap):
+                    res = _loss_and_grads(flow, lambda: flow(batch, torch.device("cpu")))
+            finally:
+                del flow.decoder.compute_loss
+            return res, captured
+
+        torch_seed = seed * 1000003 + 53 + index  # the global RNG that t and z come from
+        torch.manual_seed(torch_seed)
+        tap = _RandomTap(script=t[draws_key], fractions=t["flow_prompt_fraction"])
+        torch_tap = _TorchRandomTap(torch, forced_1d=t[cfg_key])
+        first, captured = run(tap, torch_tap)
+        _perturb_global_rngs()
+        replayed, _ = run(_RandomTap(replay=tap.calls), _TorchRandomTap(torch, replay=torch_tap.calls))
+        if not _same_run(first, replayed):
+            raise MakeCaseError(f"{group}: replaying the recorded draws does not reproduce the loss and gradients")
+
+        # parse what upstream drew: streaming, then per row random() (+ randint when >= 0.5)
+        calls = list(tap.calls)
+        name, _, streaming_draw = calls.pop(0)
+        prompt_draw, prompt_max, prompt_len = [], [], []
+        for i in range(rows):
+            name, _, d = calls.pop(0)
+            if name != "random":
+                raise MakeCaseError(f"{group}: unexpected draw order {tap.calls}")
+            prompt_draw.append(d)
+            if d < 0.5:
+                prompt_max.append(-1)
+                prompt_len.append(0)
+            else:
+                name, (a, b), k = calls.pop(0)
+                if name != "randint" or a != 0:
+                    raise MakeCaseError(f"{group}: unexpected draw order {tap.calls}")
+                prompt_max.append(b)
+                prompt_len.append(k)
+        if calls:
+            raise MakeCaseError(f"{group}: unexpected extra draws {calls}")
+        if captured["streaming"] != (streaming_draw < 0.5):
+            raise MakeCaseError(f"{group}: streaming={captured['streaming']} but the draw was {streaming_draw}")
+        feat = batch["speech_feat"]
+        for i, k in enumerate(prompt_len):  # the cond upstream built is the recorded prompt region
+            expect = torch.zeros_like(feat[i])
+            expect[:k] = feat[i, :k]
+            if not torch.equal(captured["cond"][i].transpose(0, 1), expect):
+                raise MakeCaseError(f"{group}: row {i} cond is not the first {k} feat frames")
+        kinds = [(c[0], c[1]) for c in torch_tap.calls]
+        frames = feat.shape[1]
+        expected = [("rand", (rows, 1, 1)), ("randn_like", (rows, 80, frames)), ("rand", (rows,))]
+        if kinds != expected:
+            raise MakeCaseError(f"{group}: torch draws {kinds}, expected {expected}")
+        t_draw, z, cfg_rand = (c[2] for c in torch_tap.calls)
+        cfg_keep = cfg_rand > flow.decoder.training_cfg_rate
+
+        res, grads = first
+        g = group
+        if g == "train_flow":
+            out.put(f"{g}/speech_token", batch["speech_token"], "(B, N) speech tokens, right-padded with 0")
+            out.put(f"{g}/speech_token_len", batch["speech_token_len"], "(B,) tokens per row (the loss mask is "
+                    "token_mel_ratio * this frames)")
+            out.put(f"{g}/speech_feat", feat, "(B, T = 2N, 80) target mel, time-major (upstream's batch layout), "
+                    "zero-padded")
+            out.put(f"{g}/speech_feat_len", batch["speech_feat_len"], "(B,) mel frames per row (bounds the prompt "
+                    "region draw)")
+            out.put(f"{g}/embedding", batch["embedding"], "(B, spk_embed_dim) raw speaker embedding")
+        out.put(f"{g}/streaming_draw", np.float32(streaming_draw),
+                "random.random() value of CausalMaskedDiffWithDiT.forward's streaming draw (forced, recorded)")
+        out.put(f"{g}/streaming", np.bool_(captured["streaming"]), "streaming flag passed to compute_loss (draw < 0.5)")
+        out.put(f"{g}/prompt_draw", np.asarray(prompt_draw, np.float32),
+                "(B,) per-row random.random() of the prompt-region choice (< 0.5: no prompt conditioning)")
+        out.put(f"{g}/prompt_max", np.asarray(prompt_max, np.int64),
+                "(B,) upper bound m of random.randint(0, m), m = int(0.3 * speech_feat_len); -1 where not drawn")
+        out.put(f"{g}/prompt_len", np.asarray(prompt_len, np.int64),
+                "(B,) k: cond[i, :k] = speech_feat[i, :k] (0 = no prompt conditioning); checked against the cond "
+                "compute_loss received")
+        out.put(f"{g}/t", t_draw.reshape(-1), "(B,) flow time t = torch.rand([B, 1, 1]) in compute_loss (uniform; no "
+                                               "cosine schedule in training)")
+        out.put(f"{g}/z", z, "(B, 80, T) noise x0 = torch.randn_like(x1) in compute_loss, channel-major")
+        out.put(f"{g}/cfg_rand", cfg_rand, "(B,) torch.rand(B) of the CFG dropout (forced by make-case)")
+        out.put(f"{g}/cfg_keep", cfg_keep.to(torch.int64),
+                "(B,) 1 where cfg_rand > training_cfg_rate: the row keeps mu, spks and cond (0: all three zeroed)")
+        out.put(f"{g}/loss", res["loss"], "CausalMaskedDiffWithDiT.forward loss: sum(((pred - u) * mask)^2) / "
+                                          "(sum(mask) * 80), F.mse_loss; estimator in eval mode (no dropout)")
+        _put_grads(out, g, grads, f"{g}/loss")
+        info[g] = {"loss": float(res["loss"]), "streaming": bool(captured["streaming"]), "prompt_len": prompt_len,
+                   "cfg_keep": cfg_keep.tolist(), "torch_seed": torch_seed}
+    return info
+
+
+def _run_train(models: dict[str, Any], cfg: dict[str, Any], seed: int, out: _Arrays) -> dict[str, Any]:
+    """Groups ``train_llm``, ``train_llm_lsm``, ``train_flow`` and ``train_flow_stream``.
+
+    Upstream's training forwards run unmodified (modules in eval mode, so the DiT's dropout is off
+    and the losses are deterministic given the draws) with autograd on.  Their randomness is
+    captured by taps: ``random`` in ``cosyvoice.llm.llm`` / ``cosyvoice.flow.flow`` returns forced
+    values (``train_case``) and records every call; ``torch`` in ``cosyvoice.flow.flow_matching``
+    records ``torch.rand`` / ``torch.randn_like`` (t and z from the seeded global RNG, the CFG
+    dropout ``rand(b)`` forced).  Each group is then run again replaying the recorded draws after
+    reseeding every global RNG, and must reproduce the loss and gradients bitwise (so nothing
+    random went unrecorded).
+    """
+    batch = _train_inputs(cfg, seed)
+    return {**_run_train_llm(models["llm"], batch["llm"], cfg, out),
+            **_run_train_flow(models["flow"], batch["flow"], cfg, seed, out)}
+
+
 def _run_all(models: dict[str, Any], inp: dict[str, Any], hift_mel_len: int,
-             e2e: tuple[dict[str, Any], int] | None = None) -> tuple[_Arrays, dict[str, Any]]:
+             e2e: tuple[dict[str, Any], int] | None = None,
+             train: tuple[dict[str, Any], int] | None = None) -> tuple[_Arrays, dict[str, Any]]:
     out = _Arrays()
     info: dict[str, Any] = {}
     info["llm"] = _run_llm(models["llm"], inp, out)
@@ -1046,6 +1499,8 @@ def _run_all(models: dict[str, Any], inp: dict[str, Any], hift_mel_len: int,
     info["hift"] = _run_hift(models["hift"], mels["flow"][:, :, :hift_mel_len].contiguous(), out)
     if e2e is not None:  # last: the groups above are unchanged by it
         info["tts"] = _run_tts(models, inp, e2e[0], e2e[1], out)
+    if train is not None:  # last: the groups above are unchanged by it
+        info["train"] = _run_train(models, train[0], train[1], out)
     return out, info
 
 
@@ -1186,14 +1641,15 @@ def make_case(reference_repo: str, config_path: str, seed: int, out_dir: str, *,
 
             log("running every group on the in-memory model")
             e2e = (cfg, seed) if cfg["e2e"] else None
-            first, _ = _run_all(models, inp, cfg["case"]["hift_mel_len"], e2e)
+            train = (cfg, seed) if cfg["train"] else None
+            first, _ = _run_all(models, inp, cfg["case"]["hift_mel_len"], e2e, train)
             del models
 
             log("rebuilding from the written release dir (load_hyperpyyaml + strict load_state_dict)")
             models = build_models(model_dir)
             load_weights(models, model_dir)
             log("running every group on the reloaded model")
-            golden, run_info = _run_all(models, inp, cfg["case"]["hift_mel_len"], e2e)
+            golden, run_info = _run_all(models, inp, cfg["case"]["hift_mel_len"], e2e, train)
             del models
             bad = _compare(first, golden)
             if bad:
@@ -1246,9 +1702,15 @@ def make_case(reference_repo: str, config_path: str, seed: int, out_dir: str, *,
                 "flow*: estimator mu/spks/cond/mask identical at every Euler step",
                 f"hift: voiced fraction {h['voiced_fraction']:.2f} in [0.05, 0.95], clipped fraction "
                 f"{h['audio_clipped_fraction']:.3f} <= 0.05",
-            ],
+            ] + ([
+                "train_*: every draw of upstream's training forward recorded by taps (random in cosyvoice.llm.llm / "
+                "cosyvoice.flow.flow, torch.rand/randn_like in cosyvoice.flow.flow_matching); replaying the recorded "
+                "draws after reseeding every global RNG reproduces loss and gradients bitwise; the bistream flags "
+                "agree with lm_target's fill tokens, the prompt lengths with the cond compute_loss received",
+            ] if "train" in run_info else []),
             "llm_greedy": greedy,
             **({"tts": run_info["tts"]} if "tts" in run_info else {}),
+            **({"train": run_info["train"]} if "train" in run_info else {}),
             "hift_stats": hift_stats,
             "noise": {
                 "flow": "CausalConditionalCFM.__init__ calls set_all_random_seed(0) (random, numpy, torch global "

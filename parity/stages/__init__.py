@@ -17,7 +17,7 @@ from cosyjax.checkpoint import ConvertedModel
 from cosyjax.parity.case import Case
 from cosyjax.parity.compare import Comparison
 
-STAGES = ("llm", "flow", "hift", "tts")
+STAGES = ("llm", "flow", "hift", "tts", "train")
 
 
 @dataclasses.dataclass
