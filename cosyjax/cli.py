@@ -3,6 +3,7 @@
 Commands:
   cosyjax tts --text T [--prompt-wav W --prompt-text P] [--mode ...] [--stream] [--seed N] -o out.wav
   cosyjax convert --model-dir M --out O [--dtype float32|bfloat16] [--overwrite]
+  cosyjax serve --model-dir M [--host 0.0.0.0] [--port 50000] [--dtype ...]   (pip install "cosyjax[server]")
   cosyjax parity check --case DIR --out REPORT_DIR [--stages llm,flow,hift]
   cosyjax parity make-case --reference-repo PATH --config CONFIG.yaml --seed N --out DIR
   cosyjax parity live --reference-repo PATH --model-dir M --out REPORT_DIR
@@ -127,6 +128,37 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+    import logging
+
+    try:
+        import uvicorn
+
+        from cosyjax.server import INSTALL_HINT, create_app
+    except ImportError as e:  # the server is an optional extra
+        cause = e.__cause__ if isinstance(e.__cause__, ImportError) else e
+        print(f"cosyjax: error: serve needs fastapi, uvicorn and python-multipart (missing: {cause.name or cause}); "
+              'pip install "cosyjax[server]"', file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
+        print(f"cosyjax: error: {INSTALL_HINT} (python-multipart is missing)", file=sys.stderr)
+        return 2
+    from cosyjax.pipeline import CosyVoice3
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tts = CosyVoice3.from_pretrained(args.model_dir, dtype=args.dtype, backend=args.backend,
+                                     converted_dir=args.converted_dir)
+    if args.spkinfo:
+        print(f"cached voices: {', '.join(tts.load_spkinfo(args.spkinfo)) or '(none)'}")
+    limits = {"max_text_chars": args.max_text_chars, "max_pending": args.max_pending}
+    app = create_app(tts, **{k: v for k, v in limits.items() if v is not None})
+    print(f"serving {args.model_dir} ({tts.sample_rate} Hz int16 PCM, {args.dtype}, {tts.device.platform}) "
+          f"on http://{args.host}:{args.port}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _print_summary(report: dict) -> None:
     for g in report["groups"]:
         print(f"  {g['group']:22s} {g['status']:16s} max_abs_err={g['max_abs_err']} min_snr_db={g['min_snr_db']}")
@@ -197,6 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("serve", help="HTTP server with upstream's FastAPI routes (int16 PCM responses)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default="FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
+                   help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
+    p.add_argument("--converted-dir", default=None,
+                   help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50000, help="upstream's default port")
+    p.add_argument("--spkinfo", default=None, help="directory written by CosyVoice3.save_spkinfo: voices for spk_id")
+    p.add_argument("--max-text-chars", type=int, default=None,
+                   help="longest text field accepted per request (default: cosyjax.server's, 2000)")
+    p.add_argument("--max-pending", type=int, default=None,
+                   help="requests queued or running before 503 (default: cosyjax.server's, 16)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_cmd_serve)
 
     parity = sub.add_parser("parity", help="parity harness against the upstream PyTorch reference")
     psub = parity.add_subparsers(dest="parity_command", required=True)
