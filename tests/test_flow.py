@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -277,19 +278,20 @@ def test_random_torch_model_round_trip(streaming, finalize, noise_full):
     a chunk size that does not divide the length, a prompt mel not aligned to the prompt tokens.
     """
     import dataclasses
-    import importlib.util
 
     repo = os.environ.get("COSYJAX_REFERENCE_REPO")
     if not repo:
         pytest.skip("set COSYJAX_REFERENCE_REPO to an upstream CosyVoice checkout")
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_flow.py")
-    spec = importlib.util.spec_from_file_location("bench_flow", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    cfg = dataclasses.replace(bench.full_size_config(3), vocab_size=50, pre_lookahead_channels=24,
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ (repo root)
+    from benchmarks.models import build_upstream_flow
+    from benchmarks.workload import release_config
+    from cosyjax.parity.upstream import import_upstream
+
+    cfg = dataclasses.replace(release_config().flow, depth=3, vocab_size=50, pre_lookahead_channels=24,
                               pre_lookahead_len=2, token_mel_ratio=3, dim=48, heads=4, dim_head=16,
                               static_chunk_size=7)
-    model = bench.build_reference(repo, cfg)
+    import_upstream(repo)
+    model = build_upstream_flow(cfg)
     model.decoder.rand_noise = torch.from_numpy(noise_full)
     params = convert({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg, "random")
     rng = np.random.default_rng(3)

@@ -1,0 +1,342 @@
+"""``python -m benchmarks``: per-stage and end-to-end timings of cosyjax, optionally against upstream.
+
+    python -m benchmarks [--all | --stages llm,flow,hift,e2e,stream] [--reference-repo PATH]
+                         [--json FILE] [--markdown FILE] [--quick] [--seconds N] [--batch-sizes 1,8,32]
+                         [--repeats N] [--isolate] [--dry-run]
+
+Stages always run in the order llm, flow, hift, e2e, stream, in one process that builds each random
+model once: the stage rows compile the programs the e2e request uses (same padded shapes), so e2e
+needs no warm-up call of its own.  ``--isolate`` runs every stage in a fresh subprocess instead
+(per-stage memory from a clean process; slower: each stage then builds and warms up by itself).
+
+Defaults: batch sizes 1,8,32 on CPU and 1,16,64 on GPU; one timed repeat after the warm-up on CPU
+(three for HiFT), three on GPU; 10 s of speech.  ``--quick``: tiny dims, 2 s, batch sizes 1,2.
+The markdown table goes to stdout (progress to stderr); ``--json`` adds machine facts and every
+detail.  Exit status 1 when a stage failed (its error is in the JSON; the other stages still run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+from benchmarks.common import SCHEMA, REPO, log, machine_info, markdown_report
+from benchmarks.workload import EXTRA_STAGES, STAGES, Workload, make_workload
+
+# Quiet 2-core CPU (project machine, 2026-11-25), full size, seconds: BENCHMARKS.md and the
+# measurements of this entry.  Only used to print the expected run time.
+CPU_COST = {
+    "startup": 10.0,
+    "build": {"llm": 12.0, "flow": 3.0, "hift": 2.0},
+    "build_reference": {"llm": 4.0, "flow": 10.0, "hift": 3.0},
+    "llm_compile": 12.0,  # prefill + one decode chunk, per batch size
+    "llm_step_ms": {"cosyjax": {1: 115.0, 8: 369.0, 32: 802.0}, "upstream": {1: 253.0, 8: 664.0, 32: 986.0}},
+    "llm_prefill_token_ms": {"cosyjax": 8.0, "upstream": 10.0},  # per prompt token (padded for cosyjax)
+    "flow_frame_s": {"cosyjax": 0.093, "upstream": 0.0995},  # per mel frame (cosyjax: padded bucket)
+    "flow_compile": 9.0,
+    "hift_audio_s": {"cosyjax": 0.33, "upstream": 0.332},  # per second of audio
+    "hift_compile": 7.0,
+    "stream_compile": 18.0,  # streaming flow + carried-state HiFT
+    "model_build": 6.0,  # CosyVoice3Model device copies
+}
+
+
+def _interp(table: dict[int, float], x: int) -> float:
+    keys = sorted(table)
+    if x <= keys[0]:
+        return table[keys[0]]
+    for a, b in zip(keys, keys[1:]):
+        if x <= b:
+            return table[a] + (table[b] - table[a]) * (x - a) / (b - a)
+    a, b = keys[-2], keys[-1]
+    return table[b] + (table[b] - table[a]) * (x - b) / (b - a)
+
+
+def estimate(wl: Workload, stages: list[str], reference: bool, isolate: bool = False) -> dict[str, float] | None:
+    """Expected seconds per stage on the quiet 2-core CPU machine (None: no model for this setup)."""
+    if wl.quick:
+        return {s: 6.0 for s in stages} | {"startup": CPU_COST["startup"]}
+    from cosyjax.flow.flow import token_bucket
+    from cosyjax.hift.generator import mel_bucket
+    from cosyjax.llm.lm import bucket
+
+    c = CPU_COST
+    sides = ("cosyjax", "upstream") if reference else ("cosyjax",)
+    flow_cfg, hift_cfg = wl.config.flow, wl.config.hift
+    prompt_len = 1 + wl.prompt_text_len + wl.e2e_text_len + 1 + wl.prompt_tokens
+
+    def flow_s(side, tokens, prompt):
+        frames = flow_cfg.token_mel_ratio * (token_bucket(tokens + prompt) if side == "cosyjax" else tokens + prompt)
+        return c["flow_frame_s"][side] * frames
+
+    def hift_s(side, frames):
+        frames = mel_bucket(frames) if side == "cosyjax" else frames
+        return c["hift_audio_s"][side] * frames * hift_cfg.upsample_scale / hift_cfg.sampling_rate
+
+    def llm_s(side, batch, steps):
+        prefill = c["llm_prefill_token_ms"][side] * batch * (bucket(prompt_len) if side == "cosyjax" else prompt_len)
+        return 1e-3 * (prefill + steps * _interp(c["llm_step_ms"][side], batch))
+
+    def build(names):
+        return sum(c["build"][n] + (c["build_reference"][n] if reference else 0.0) for n in names)
+
+    est: dict[str, float] = {"startup": c["startup"]}
+    built: set[str] = set()
+
+    def need(names):
+        new = [n for n in names if isolate or n not in built]
+        built.update(names)
+        return build(new)
+
+    if "llm" in stages:
+        t = need(["llm"])
+        for i, b in enumerate(wl.batch_sizes):
+            t += c["llm_compile"] + llm_s("cosyjax", b, 1) + wl.repeats["llm"] * llm_s("cosyjax", b, wl.llm_steps)
+            if reference:
+                t += (0.0 if i else llm_s("upstream", b, 1)) + wl.repeats["llm"] * llm_s("upstream", b, wl.llm_steps)
+        est["llm"] = t
+    if "flow" in stages:
+        t = need(["flow"])
+        for side in sides:
+            warm = c["flow_compile"] + flow_s(side, wl.flow_tokens, wl.prompt_tokens) if side == "cosyjax" else 1.0
+            t += warm + wl.repeats["flow"] * flow_s(side, wl.flow_tokens, wl.prompt_tokens)
+        est["flow"] = t
+    if "hift" in stages:
+        t = need(["hift"])
+        for side in sides:
+            warm = c["hift_compile"] + hift_s(side, wl.hift_frames) if side == "cosyjax" else 0.5
+            t += warm + wl.repeats["hift"] * hift_s(side, wl.hift_frames)
+        est["hift"] = t
+    e2e_frames = flow_cfg.token_mel_ratio * wl.e2e_tokens
+    shared = not isolate and {"llm", "flow", "hift"} <= set(stages)
+    if "e2e" in stages:
+        t = need(["llm", "flow", "hift"]) + c["model_build"]
+        for side in sides:
+            one = (llm_s(side, 1, wl.e2e_tokens) + flow_s(side, wl.e2e_tokens, wl.prompt_tokens)
+                   + hift_s(side, e2e_frames))
+            warm = 0.0 if shared else (one + c["llm_compile"] + c["flow_compile"] + c["hift_compile"]
+                                       if side == "cosyjax" else 0.3 * one)
+            t += warm + wl.repeats["e2e"] * one
+        est["e2e"] = t
+    if "stream" in stages:
+        t = need(["llm", "flow", "hift"]) + (0.0 if "e2e" in stages and not isolate else c["model_build"])
+        first = wl.hop + flow_cfg.pre_lookahead_len
+        for side in sides:
+            steps = (-(-first // wl.hop) * wl.hop) if side == "cosyjax" else first
+            one = (llm_s(side, 1, steps) + flow_s(side, first, wl.prompt_tokens)
+                   + hift_s(side, flow_cfg.token_mel_ratio * first))
+            if side == "upstream":
+                one += 0.3 * llm_s(side, 1, first)  # the LLM thread competes with the first flow call
+            warm = one + c["stream_compile"] if side == "cosyjax" else (0.0 if "e2e" in stages else one)
+            t += warm + wl.repeats["stream"] * one
+        est["stream"] = t
+    if "hift_stream" in stages:
+        from cosyjax.model import MAX_HOP_FACTOR
+
+        t = need(["hift"])
+        chunk = MAX_HOP_FACTOR * wl.hop * flow_cfg.token_mel_ratio
+        for total in (wl.seconds * wl.mel_rate, 3 * wl.seconds * wl.mel_rate):
+            per_chunk = 1.4 * hift_s("cosyjax", chunk)  # carried-state push: chunk + look-ahead overhead
+            t += c["hift_compile"] + (total / chunk + wl.repeats["hift"]) * per_chunk
+            if reference:
+                t += (1 + wl.repeats["hift"]) * hift_s("upstream", int(total))
+        est["hift_stream"] = t
+    if isolate:
+        est["startup"] *= 1 + len(stages)
+    return est
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n", 1)[1])
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true", help="every stage (the default)")
+    group.add_argument("--stages", default=None,
+                       help=f"comma-separated subset of {','.join(STAGES)}, or extra: {','.join(EXTRA_STAGES)}")
+    ap.add_argument("--reference-repo", default=None,
+                    help="upstream CosyVoice source checkout: also time upstream on the same weights")
+    ap.add_argument("--json", default=None, help="write the full results (machine facts included) here")
+    ap.add_argument("--markdown", default=None, help="write the markdown report here (it is printed anyway)")
+    ap.add_argument("--quick", action="store_true", help="tiny dims: a fast smoke test of the entry")
+    ap.add_argument("--seconds", type=float, default=None, help="seconds of speech per workload (10; quick 2.4)")
+    ap.add_argument("--batch-sizes", default=None, help="LLM batch sizes (default CPU 1,8,32; GPU 1,16,64)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats after the warm-up, every stage")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--isolate", action="store_true", help="one fresh subprocess per stage")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate only")
+    args = ap.parse_args(argv)
+    if args.stages:
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        bad = [s for s in stages if s not in STAGES + EXTRA_STAGES]
+        if bad or not stages:
+            ap.error(f"--stages {args.stages!r}: unknown stage(s) {bad}; choose from "
+                     f"{','.join(STAGES + EXTRA_STAGES)}")
+        args.stage_list = [s for s in STAGES + EXTRA_STAGES if s in stages]
+    else:
+        args.stage_list = list(STAGES)
+    if args.batch_sizes:
+        try:
+            args.batch_tuple = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+        except ValueError:
+            ap.error(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers")
+    else:
+        args.batch_tuple = None
+    if args.reference_repo and not os.path.isdir(args.reference_repo):
+        ap.error(f"--reference-repo {args.reference_repo}: no such directory")
+    return args
+
+
+def _notes(wl: Workload, reference: bool) -> list[str]:
+    notes = [
+        "Times are the best of the timed repeats after a warm-up call; 'warm-up (compile)' is the warm-up "
+        "wall time and the JAX trace+compile seconds inside it. A ⚠ marks compilations inside timed calls.",
+        f"LLM: one decode chunk of {wl.llm_steps} steps (the model's stream hop) per batch size; ms/token = "
+        "step time / batch. Upstream has no batched decode: its own forward_one_step + llm_decoder + "
+        "sampling_ids run over the batch, RAS per row.",
+        f"E2E: token ids in, waveform out through each side's CosyVoice3Model.tts (LLM → silent-token filter → "
+        f"flow → HiFT; no text/audio frontend). The random LLM's stop-id logits are 0 against speech logits of "
+        f"std ~6, so both sides decode exactly max_len = 20 × {wl.e2e_text_len} text tokens = {wl.e2e_tokens} "
+        "speech tokens. Upstream runs its LLM in a thread, as in production.",
+        "Stream: time from the tts(stream=True) call to its first yielded chunk (fresh hop schedule); upstream "
+        "polls its LLM thread every 0.1 s and that thread keeps decoding while the first chunk is vocoded.",
+        "Peak RSS: process peak during that side's calls (kernel high-water mark reset before them); "
+        "(+x) is the growth over the RSS at their start. Both sides' weights stay resident throughout.",
+    ]
+    if not reference:
+        notes.append("No --reference-repo: cosyjax only, random weights drawn in numpy.")
+    return notes
+
+
+def _run_isolated(args: argparse.Namespace, argv: list[str] | None, loads: dict) -> tuple[list, list, dict]:
+    """Every stage in its own ``python -m benchmarks --stages S`` subprocess; their rows merged."""
+    rows, errors, elapsed = [], [], {}
+    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    # drop the options this driver owns
+    drop = {"--all", "--isolate", "--dry-run"}
+    keep, skip = [], False
+    for a in base:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            continue
+        if a in ("--stages", "--json", "--markdown"):
+            skip = True
+            continue
+        if a.startswith(("--stages=", "--json=", "--markdown=")):
+            continue
+        keep.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in args.stage_list:
+            out = os.path.join(tmp, f"{stage}.json")
+            cmd = [sys.executable, "-m", "benchmarks", "--stages", stage, "--json", out] + keep
+            log(f"[isolate] {' '.join(cmd)}")
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+            elapsed[stage] = time.perf_counter() - start
+            loads[stage] = [round(x, 2) for x in os.getloadavg()]
+            if os.path.exists(out):
+                with open(out, encoding="utf-8") as f:
+                    part = json.load(f)
+                rows += part["rows"]
+                errors += part["errors"]
+            if proc.returncode != 0 and not os.path.exists(out):
+                errors.append({"stage": stage, "error": f"subprocess exited with status {proc.returncode}"})
+    return rows, errors, elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.reference_repo:
+        # On a GPU, JAX would otherwise take 75% of its memory up front and leave torch too little.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    backend = jax.default_backend()
+    wl = make_workload(quick=args.quick, seconds=args.seconds, batch_sizes=args.batch_tuple,
+                       repeats=args.repeats, backend=backend, seed=args.seed)
+    reference = args.reference_repo is not None
+    est = estimate(wl, args.stage_list, reference, args.isolate) if backend == "cpu" else None
+    total_est = sum(est.values()) if est else None
+    size = "quick (tiny dims)" if wl.quick else "full size"
+    log(f"# cosyjax benchmarks: stages {','.join(args.stage_list)}; {size}, "
+        f"{wl.seconds:g} s of speech, batch sizes {','.join(map(str, wl.batch_sizes))}, repeats {dict(wl.repeats)}, "
+        f"backend {backend}; upstream: {args.reference_repo or 'no'}")
+    if est and backend == "cpu":
+        per = ", ".join(f"{k} {v:.0f} s" for k, v in est.items())
+        log(f"# expected on a quiet 2-core CPU: {total_est:.0f} s ({total_est / 60:.1f} min): {per}")
+    if args.dry_run:
+        return 0
+
+    start = time.perf_counter()
+    machine = machine_info()
+    machine["load_average_stages"] = {}
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    elapsed: dict[str, float] = {}
+    upstream_commit = os.environ.get("COSYJAX_REFERENCE_COMMIT")
+    if args.isolate:
+        rows, errors, elapsed = _run_isolated(args, argv, machine["load_average_stages"])
+        if reference:
+            from cosyjax.parity.upstream import git_commit
+
+            upstream_commit = git_commit(args.reference_repo) or upstream_commit
+    else:
+        from benchmarks import e2e, flow, hift, llm
+        from benchmarks.models import Bundle
+
+        runners = {"llm": llm.run, "flow": flow.run, "hift": hift.run, "e2e": e2e.run_e2e, "stream": e2e.run_stream,
+                   "hift_stream": hift.run_stream}
+        bundle = Bundle(wl, args.reference_repo)
+        if bundle.upstream_info is not None:
+            upstream_commit = bundle.upstream_info.commit or upstream_commit
+        for stage in args.stage_list:
+            t0 = time.perf_counter()
+            try:
+                rows += runners[stage](bundle)
+            except Exception as e:  # noqa: BLE001 - report, go on with the other stages
+                log(f"[{stage}] FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                errors.append({"stage": stage, "error": f"{type(e).__name__}: {e}"})
+            elapsed[stage] = time.perf_counter() - t0
+            machine["load_average_stages"][stage] = [round(x, 2) for x in os.getloadavg()]
+            log(f"[{stage}] done in {elapsed[stage]:.0f} s")
+    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    result = {
+        "schema": SCHEMA,
+        "machine": machine,
+        "settings": {"stages": args.stage_list, "quick": wl.quick, "seconds": wl.seconds,
+                     "batch_sizes": list(wl.batch_sizes), "repeats": dict(wl.repeats), "seed": wl.seed,
+                     "isolate": args.isolate, "reference_repo": args.reference_repo,
+                     "xla_python_client_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+                     "upstream_commit": upstream_commit,
+                     "sizes": {"prompt_tokens": wl.prompt_tokens, "prompt_text_tokens": wl.prompt_text_len,
+                               "flow_tokens": wl.flow_tokens, "hift_frames": wl.hift_frames,
+                               "e2e_text_tokens": wl.e2e_text_len, "e2e_speech_tokens": wl.e2e_tokens,
+                               "llm_steps": wl.llm_steps}},
+        "estimate_s": total_est,
+        "estimate_by_stage_s": est,
+        "elapsed_s": time.perf_counter() - start,
+        "elapsed_by_stage_s": elapsed,
+        "rows": rows,
+        "errors": errors,
+        "notes": _notes(wl, reference),
+    }
+    report = markdown_report(result)
+    if errors:
+        report += "\nFailed stages: " + "; ".join(f"{e['stage']}: {e['error']}" for e in errors) + "\n"
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1, default=str)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(report)
+    print(report, flush=True)
+    return 1 if errors else 0
