@@ -3,6 +3,7 @@
 Commands:
   cosyjax tts --text T [--prompt-wav W --prompt-text P] [--mode ...] [--stream] [--seed N] -o out.wav
   cosyjax convert --model-dir M --out O [--dtype float32|bfloat16] [--overwrite]
+  cosyjax export --converted-dir C --out O [--template RELEASE_DIR]   (JAX -> upstream .pt)
   cosyjax serve --model-dir M [--host 0.0.0.0] [--port 50000] [--dtype ...]   (pip install "cosyjax[server]")
   cosyjax parity check --case DIR --out REPORT_DIR [--stages llm,flow,hift]
   cosyjax parity make-case --reference-repo PATH --config CONFIG.yaml --seed N --out DIR
@@ -33,8 +34,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from cosyjax.pipeline import HubError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError, HubError, ValueError,
-                                         KeyError]
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError, FileExistsError, HubError,
+                                         ValueError, KeyError]
     try:  # these packages need torch; without it the commands that use them fail earlier
         from cosyjax.convert.common import ConversionError
         from cosyjax.parity.case import CaseError
@@ -159,6 +160,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cosyjax.checkpoint import load_converted
+    from cosyjax.convert.export import export_to_dir
+
+    model = load_converted(args.converted_dir)
+    out = export_to_dir(model, args.out, template_dir=args.template, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def _print_summary(report: dict) -> None:
     for g in report["groups"]:
         print(f"  {g['group']:22s} {g['status']:16s} max_abs_err={g['max_abs_err']} min_snr_db={g['min_snr_db']}")
@@ -229,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export", help="write a converted (e.g. fine-tuned) model back as upstream .pt files",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--converted-dir", required=True, help="output of `cosyjax convert` (or of a fine-tune)")
+    p.add_argument("--out", required=True, help="output directory: llm.pt, flow.pt, hift.pt (written atomically)")
+    p.add_argument("--template", default=None,
+                   help="release directory whose yaml, CosyVoice-BlankEN/ and ONNX files are copied alongside")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="HTTP server with upstream's FastAPI routes (int16 PCM responses)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

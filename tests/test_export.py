@@ -167,6 +167,19 @@ def test_export_dir_is_atomic_and_a_complete_release(converted, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["release"]  # nothing half-written
 
 
+def test_cli_export(tmp_path, capsys):
+    from cosyjax.checkpoint import save_converted
+    from cosyjax.cli import main
+
+    conv = str(tmp_path / "conv")
+    save_converted(conv, convert_model(TINY, progress=False))
+    out = tmp_path / "pt"
+    assert main(["export", "--converted-dir", conv, "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["flow.pt", "hift.pt", "llm.pt"]
+    assert main(["export", "--converted-dir", conv, "--out", str(out)]) == 2
+    assert "output exists" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- upstream's strict load
 REFERENCE_REPO = os.environ.get("COSYJAX_REFERENCE_REPO")
 

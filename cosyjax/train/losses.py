@@ -390,8 +390,9 @@ def flow_loss(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Array, *
         with T = token_mel_ratio * N (time-major mel), "speech_feat_len": [B], "embedding": [B, E]}
         (optional "example_index" [B], see ``sample_flow_draws``; other keys are ignored).
       rng: PRNG key; the draws come from it when ``draws`` is None (``sample_flow_draws(rng, ...)``)
-        and the DiT dropout from ``fold_in(rng, 2)`` when ``deterministic`` is False (so dropout
-        masks, unlike the draws, depend on the local batch shape).  Unused (may be None) when
+        and the DiT dropout from ``fold_in(rng, 2)`` (further folded with ``example_index[0]``
+        when given, so shards and micro-batches draw different masks) when ``deterministic`` is
+        False; dropout masks, unlike the draws, depend on the local batch shape.  Unused (may be None) when
         ``draws`` is given and ``deterministic`` is True.
       cfg: the flow config (static).
       draws: explicit random draws (parity replays upstream's).
@@ -430,7 +431,12 @@ def flow_loss(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Array, *
     z = draws.z.astype(jnp.float32)
     y = (1 - (1 - cfg.sigma_min) * t[:, None, None]) * z + t[:, None, None] * x1
     u = x1 - (1 - cfg.sigma_min) * z
-    rngs = None if deterministic else {"dropout": jax.random.fold_in(rng, _SALT_DROPOUT)}
+    rngs = None
+    if not deterministic:
+        dropout_key = jax.random.fold_in(rng, _SALT_DROPOUT)
+        if "example_index" in batch:  # a shard / micro-batch of a global batch: its own masks
+            dropout_key = jax.random.fold_in(dropout_key, jnp.asarray(batch["example_index"], jnp.int32)[0])
+        rngs = {"dropout": dropout_key}
 
     def estimate(streaming: bool) -> Array:
         return model.apply(variables, y, mu, t, spks, cond, mel_len, streaming=streaming,
