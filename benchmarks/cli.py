@@ -148,6 +148,19 @@ def estimate(wl: Workload, stages: list[str], reference: bool, isolate: bool = F
             if reference:
                 t += (1 + wl.repeats["hift"]) * hift_s("upstream", int(total))
         est["hift_stream"] = t
+    if "flow_stream" in stages:
+        from cosyjax.model import MAX_HOP_FACTOR
+
+        t = need(["flow"])
+        new_tokens = wl.flow_tokens - MAX_HOP_FACTOR * wl.hop  # roughly what the non-final hops cover
+        t += 3 * c["flow_compile"] + 2 * flow_s("cosyjax", new_tokens, 0)  # warm-up stream + timed stream
+        if reference:  # the re-run of each growing prefix
+            off, hop = 0, wl.hop
+            while off + hop + flow_cfg.pre_lookahead_len <= wl.flow_tokens:
+                off += hop
+                t += flow_s("upstream", off, wl.prompt_tokens)
+                hop = min(MAX_HOP_FACTOR * wl.hop, 2 * hop)
+        est["flow_stream"] = t
     if isolate:
         est["startup"] *= 1 + len(stages)
     return est
@@ -294,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.models import Bundle
 
         runners = {"llm": llm.run, "flow": flow.run, "hift": hift.run, "e2e": e2e.run_e2e, "stream": e2e.run_stream,
-                   "hift_stream": hift.run_stream}
+                   "hift_stream": hift.run_stream, "flow_stream": flow.run_stream}
         bundle = Bundle(wl, args.reference_repo)
         if bundle.upstream_info is not None:
             upstream_commit = bundle.upstream_info.commit or upstream_commit

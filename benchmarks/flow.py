@@ -70,8 +70,87 @@ def run(bundle: Bundle) -> list[dict[str, Any]]:
         ref_mel = up.output.transpose(0, 2, 1)
         diff = float(np.abs(m.output - ref_mel).max())
         row.update(upstream=up.best, upstream_device=dev, max_diff=diff,
-                   agreement=f"mel max diff {diff:.2g} (max |mel| {float(np.abs(ref_mel).max()):.3g})")
+                   agreement=f"mel max diff {diff:.2g} (largest mel {float(np.abs(ref_mel).max()):.3g})")
         row["memory"]["upstream"] = up.memory
         row["extra"]["upstream_rtf"] = up.best / audio_s
     log(f"[flow] cosyjax {m.best:.2f} s" + (f", upstream {row['upstream']:.2f} s" if row["upstream"] else ""))
     return [finish_row(row)]
+
+
+def run_stream(bundle: Bundle) -> list[dict[str, Any]]:
+    """Extra stage ``flow_stream`` (not in --all): the flow's cost per streaming hop.
+
+    S seconds of tokens streamed with upstream's hop schedule (base, 2 base, 4 base, 4 base, ...; the
+    prompt is whole hops, so no pad).  Each non-final hop: cosyjax ``flow_stream_push`` (integrates the
+    new frames once against its K/V cache) vs upstream's ``inference(prefix, streaming=True,
+    finalize=False)`` re-run on the whole prefix, whose new frames are compared with cosyjax's.  The
+    cosyjax stream runs twice and the second run is timed (the first compiles its shapes).  The final
+    hop (upstream: full attention over everything) is the non-stream flow row's work and is left out.
+    """
+    import time
+
+    from cosyjax.flow.stream import flow_stream_init, flow_stream_push
+    from cosyjax.model import MAX_HOP_FACTOR, STREAM_SCALE_FACTOR
+
+    wl = bundle.wl
+    cfg = wl.config.flow
+    params = bundle.jax_params("flow")
+    noise = bundle.buffers["flow_rand_noise"]
+    inp = wl.flow_inputs()
+    tokens, la, ratio = inp["token"], cfg.pre_lookahead_len, cfg.token_mel_ratio
+    hops, offset, hop = [], 0, wl.hop
+    while offset + hop + la <= tokens.shape[1]:
+        hops.append((offset, hop))
+        offset += hop
+        hop = min(MAX_HOP_FACTOR * wl.hop, STREAM_SCALE_FACTOR * hop)
+
+    def stream_once() -> tuple[list[float], list[np.ndarray]]:
+        state = flow_stream_init(cfg, inp["prompt_token"], inp["prompt_feat"], inp["embedding"])
+        times, mels = [], []
+        for off, h in hops:
+            t0 = time.perf_counter()
+            mel, state = flow_stream_push(params, state, tokens[:, :off + h + la], cfg=cfg, noise=noise,
+                                          finalize=False, out_from=ratio * off)
+            times.append(time.perf_counter() - t0)
+            mels.append(mel)
+        return times, mels
+
+    log(f"[flow_stream] cosyjax: {len(hops)} hops {[h for _, h in hops]} (warm-up stream, then the timed one)")
+    warm_t0 = time.perf_counter()
+    stream_once()
+    warm_s = time.perf_counter() - warm_t0
+    times, mels = stream_once()
+    rows = []
+    for k, ((off, h), seconds, mel) in enumerate(zip(hops, times, mels)):
+        prefix = off + h
+        row = new_row("flow_stream", f"Flow stream hop {k + 1}",
+                      f"{h} new tokens after {off} streamed (+{inp['prompt_token'].shape[1]} prompt); cosyjax "
+                      f"K/V-cached push, upstream re-run on the {prefix}-token prefix", "s")
+        row.update(cosyjax=seconds, cosyjax_warmup_s=warm_s if k == 0 else None)
+        if bundle.has_reference:
+            import torch
+
+            ref = bundle.upstream["flow"]
+            dev = bundle.torch_device
+            ref.decoder.rand_noise = torch.from_numpy(noise)
+
+            def t(a, dtype=torch.float32):
+                return torch.from_numpy(np.asarray(a)).to(dtype).to(dev)
+
+            p = inp["prompt_token"].shape[1]
+            need = prefix + la
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                up, _ = ref.inference(t(tokens[:, :need], torch.int64), t([need], torch.int64),
+                                      t(inp["prompt_token"], torch.int64), t([p], torch.int64), t(inp["prompt_feat"]),
+                                      t([inp["prompt_feat"].shape[1]], torch.int64), t(inp["embedding"]),
+                                      streaming=True, finalize=False)
+                up_s = time.perf_counter() - t0
+            new = up.float().cpu().numpy().transpose(0, 2, 1)[:, ratio * off:]
+            diff = float(np.abs(new - mel).max()) if new.shape == mel.shape else float("inf")
+            row.update(upstream=up_s, upstream_device=dev, max_diff=diff,
+                       agreement=f"new mel frames {mel.shape[1]} / {new.shape[1]}, max diff {diff:.2g}")
+        log(f"[flow_stream] hop {k + 1}: cosyjax {seconds:.2f} s" + (
+            f", upstream {row['upstream']:.2f} s" if row["upstream"] else ""))
+        rows.append(finish_row(row))
+    return rows

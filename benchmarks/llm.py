@@ -148,7 +148,7 @@ def run(bundle: Bundle) -> list[dict[str, Any]]:
         if up_o is not None:
             diff = float(np.abs(o["logits"] - up_o["logits"]).max())
             scale = float(np.abs(up_o["logits"]).max())
-            agree = f"first-step logits max diff {diff:.2g} (max |logit| {scale:.3g})"
+            agree = f"first-step logits max diff {diff:.2g} (largest logit {scale:.3g})"
             pre.update(upstream=1e3 * up_o["prefill_s"], upstream_device=bundle.torch_device, max_diff=diff,
                        agreement=agree)
             dec.update(upstream=1e3 * up_o["decode_s"] / up_o["steps"] / batch, upstream_device=bundle.torch_device,

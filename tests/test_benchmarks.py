@@ -62,6 +62,16 @@ def test_quick_run_writes_every_row(tmp_path):
         assert f"| {name} |" in md
 
 
+def test_quick_flow_stream_rows(tmp_path):
+    """The extra ``flow_stream`` stage: one row per non-final hop of upstream's schedule."""
+    out_json = tmp_path / "bench.json"
+    proc = _run("--quick", "--stages", "flow_stream", "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["name"] for r in rows][:2] == ["Flow stream hop 1", "Flow stream hop 2"]
+    assert all(math.isfinite(r["cosyjax"]) and r["cosyjax"] > 0 for r in rows)
+
+
 def test_dry_run_estimates_the_full_run_under_15_minutes():
     """The acceptance run (--all --reference-repo, full size, CPU) is budgeted below 15 minutes."""
     proc = _run("--all", "--reference-repo", REPO, "--dry-run", timeout=120)
