@@ -40,7 +40,7 @@ import numpy as np
 from cosyjax.config import LLMConfig
 from cosyjax.train.checkpoint import save_checkpoint
 from cosyjax.train.losses import llm_loss, prepare_llm_batch
-from cosyjax.train.step import TrainState, make_optimizer, make_train_step
+from cosyjax.train.step import TrainState, make_optimizer, make_train_step, random_params
 
 
 def tiny_config() -> LLMConfig:
@@ -49,21 +49,10 @@ def tiny_config() -> LLMConfig:
 
 
 def init_params(cfg: LLMConfig, seed: int) -> dict:
-    """Random params for ``cfg``: norm weights 1, biases 0, kernels N(0, 1/fan_in), embeddings N(0, 1)."""
+    """Random params for ``cfg`` (``cosyjax.train.step.random_params``)."""
     from cosyjax.llm.qwen2 import param_shapes
 
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, shape):
-        name, dims = path[-1].key, tuple(shape.shape)
-        if name == "weight":
-            return np.ones(dims, np.float32)
-        if name == "bias":
-            return np.zeros(dims, np.float32)
-        scale = 1.0 if name == "embedding" else float(np.prod(dims[:-1])) ** -0.5
-        return (scale * rng.standard_normal(dims)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))
+    return random_params(param_shapes(cfg), seed)
 
 
 def synthetic_pool(cfg: LLMConfig, size: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:

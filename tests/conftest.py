@@ -41,3 +41,22 @@ def full_size_model_dir(tmp_path_factory, full_size_manifest) -> str:
     from cosyjax.parity.manifest import write_weightless_release
 
     return write_weightless_release(full_size_manifest, str(tmp_path_factory.mktemp("full_size_release")))
+
+
+TINY_RELEASE = os.path.join(DATA, "tiny-release")
+
+
+@pytest.fixture(scope="session")
+def tiny_release_converted(tmp_path_factory) -> str:
+    """The committed tiny release converted once per session (its converted directory)."""
+    from cosyjax.convert import convert_to_dir
+
+    return convert_to_dir(TINY_RELEASE, str(tmp_path_factory.mktemp("tiny-release") / "conv"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_release_tts(tiny_release_converted):
+    """``CosyVoice3`` on the tiny release (shared by the pipeline and server tests)."""
+    from cosyjax.pipeline import CosyVoice3
+
+    return CosyVoice3(TINY_RELEASE, converted_dir=tiny_release_converted, progress=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from cosyjax.pipeline import CosyVoice3, HubError, resolve_model_dir
+from cosyjax.pipeline import HubError, resolve_model_dir
 
 from conftest import DATA
 
@@ -27,15 +27,13 @@ def _voice(path, seconds=3.2, sr=16000, f0=180.0, seed=0):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    from cosyjax.convert import convert_to_dir
-
-    return convert_to_dir(RELEASE, str(tmp_path_factory.mktemp("tiny-release") / "conv"), progress=False)
+def converted(tiny_release_converted):
+    return tiny_release_converted
 
 
 @pytest.fixture(scope="module")
-def tts(converted):
-    return CosyVoice3(RELEASE, converted_dir=converted, progress=False)
+def tts(tiny_release_tts):
+    return tiny_release_tts
 
 
 @pytest.fixture(scope="module")

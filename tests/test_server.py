@@ -24,7 +24,6 @@ if importlib.util.find_spec("python_multipart") is None and importlib.util.find_
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cosyjax.pipeline import CosyVoice3  # noqa: E402
 from cosyjax.server import INSTRUCT_MESSAGE, SFT_MESSAGE, create_app  # noqa: E402
 
 from conftest import DATA  # noqa: E402
@@ -47,15 +46,13 @@ def _voice_bytes(seconds=3.2, sr=16000, f0=180.0, seed=0, fmt="WAV") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    from cosyjax.convert import convert_to_dir
-
-    return convert_to_dir(RELEASE, str(tmp_path_factory.mktemp("tiny-release") / "conv"), progress=False)
+def converted(tiny_release_converted):
+    return tiny_release_converted
 
 
 @pytest.fixture(scope="module")
-def tts(converted):
-    return CosyVoice3(RELEASE, converted_dir=converted, progress=False)
+def tts(tiny_release_tts):
+    return tiny_release_tts
 
 
 @pytest.fixture(scope="module")

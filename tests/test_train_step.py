@@ -18,7 +18,7 @@ from cosyjax.config import FlowConfig, LLMConfig
 from cosyjax.train.losses import flow_loss, llm_loss, prepare_llm_batch, sample_flow_draws
 from cosyjax.train.step import (
     UPSTREAM_TRAIN_CONF, TrainState, make_grad_fn, make_optimizer, make_train_step, optimizer_from_train_conf,
-    split_micro_batches, warmup_lr)
+    random_params, split_micro_batches, warmup_lr)
 
 MEL = 16
 
@@ -35,23 +35,6 @@ def tiny_flow_config() -> FlowConfig:
                                spk_dim=MEL, spk_emb_dim=MEL, out_channels=MEL, spk_embed_dim=8, vocab_size=32,
                                dim=32, depth=1, heads=2, dim_head=16, pre_lookahead_channels=16,
                                static_chunk_size=4)
-
-
-def random_params(shapes, seed: int):
-    """numpy params for a ``param_shapes`` tree: norm weights 1, biases 0, kernels N(0, 1/fan_in),
-    embeddings N(0, 1).  (No flax init: compiling one costs more than the tests that use it.)"""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, shape):
-        name, dims = path[-1].key, tuple(shape.shape)
-        if name == "weight":
-            return np.ones(dims, np.float32)
-        if name == "bias":
-            return np.zeros(dims, np.float32)
-        scale = 1.0 if name == "embedding" else float(np.prod(dims[:-1])) ** -0.5
-        return (scale * rng.standard_normal(dims)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def tiny_llm(seed: int = 0):

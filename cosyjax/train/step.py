@@ -54,6 +54,7 @@ from typing import Any, Callable, Mapping
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -100,6 +101,23 @@ class TrainState:
         master = jax.tree.map(_to_float32, params)
         return cls(step=jnp.zeros((), jnp.int32), params=master, opt_state=optimizer.init(master),
                    rng=_raw_key(rng))
+
+
+def random_params(shapes: Any, seed: int) -> Any:
+    """Numpy params for a ``param_shapes`` tree (no flax init to compile): norm weights 1, biases 0,
+    kernels N(0, 1/fan_in), embeddings N(0, 1).  For training from scratch and tests."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        name, dims = path[-1].key, tuple(shape.shape)
+        if name == "weight":
+            return np.ones(dims, np.float32)
+        if name == "bias":
+            return np.zeros(dims, np.float32)
+        scale = 1.0 if name == "embedding" else float(np.prod(dims[:-1])) ** -0.5
+        return (scale * rng.standard_normal(dims)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def _to_float32(x: Any) -> Array:
