@@ -18,9 +18,9 @@ step, rng); the step itself is ``step.build_train_step``, the one ``make_train_s
 Random draws: the step adds ``batch["example_index"]`` (the row's index in the *global* batch,
 under pmap ``axis_index * local_B + row``) and gives every device the same rng, so a loss that keys
 per-example draws on it (flow_loss) draws what one device would.  Dropout masks (flow_loss with
-``deterministic=False``) depend on the local shape and are not shard-invariant; and as long as
-flow_loss keys its dropout on the rng alone, every device (and micro-batch) draws the *same* mask
-pattern for its rows.
+``deterministic=False``) depend on the local shape and are not shard-invariant; flow_loss folds the
+shard's first ``example_index`` into its dropout key, so devices (and micro-batches) draw different
+masks.
 
 pmap's batch is ``[D, B/D, ...]`` (``split_for_pmap``): device d holds rows d*B/D ... (d+1)*B/D - 1,
 the rows the mesh's ``P("data")`` sharding gives device d, so the two paths see the same split.

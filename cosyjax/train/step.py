@@ -35,8 +35,8 @@ optimizer state and reported.  Clipping (``clip_by_global_norm_torch``) and Adam
 - ``batch["example_index"]`` (the row's index in the global batch) is added when absent, and every
   micro-batch gets the same per-step rng ``fold_in(state.rng, state.step)``: a loss that keys its
   per-example randomness on ``example_index`` (``flow_loss`` does) draws the same numbers however
-  the batch is split over micro-batches or devices.  Randomness keyed on the rng alone (flow_loss's
-  dropout) is therefore the same in every micro-batch;
+  the batch is split over micro-batches or devices.  Randomness keyed on the rng alone would be the
+  same in every micro-batch, so flow_loss also folds ``example_index[0]`` into its dropout key;
 - ``weight_key=None`` combines micro-batches as upstream (mean of their losses and gradients);
   ``weight_key="num_tokens"`` (llm_loss) / ``"num_frames"`` (flow_loss) weights each by that aux
   count instead, which for a loss normalized by that count equals one big-batch step exactly
