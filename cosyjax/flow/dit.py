@@ -311,11 +311,11 @@ class DiT(nn.Module):
             start = cache["start"]
             positions = start + jnp.arange(frames)
             past_frames = cache["k"].shape[2]
-            new_mask = attention_mask(lengths, frames, self.static_chunk_size, streaming)  # relative
+            new_mask = jnp.broadcast_to((jnp.arange(frames)[None, :] < lengths[:, None])[:, None, :],
+                                        (x.shape[0], frames, frames))  # new keys that exist
             if streaming and self.static_chunk_size > 0:  # chunks count from absolute frame 0
                 end = (positions // self.static_chunk_size + 1) * self.static_chunk_size  # [T]
-                new_mask = (jnp.arange(frames)[None, None, :] < lengths[:, None, None]) & (
-                    positions[None, None, :] < end[None, :, None])
+                new_mask = new_mask & (positions[None, :] < end[:, None])[None]
             past_mask = jnp.broadcast_to((jnp.arange(past_frames) < start)[None, None, :],
                                          (x.shape[0], frames, past_frames))
             mask = jnp.concatenate([past_mask, new_mask], axis=-1)  # [B, T, S0 + T]
