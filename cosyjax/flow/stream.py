@@ -161,10 +161,10 @@ def _push_core(params: Mapping[str, Any], cache: dict[str, Array], tokens: Array
 
     def step(x, per_step):
         t, dt, k, v, tail1, tail2 = per_step
-        step_cache = {"k": k, "v": v, "tail1": tail1, "tail2": tail2, "start": start}
+        step_cache = {"k": k, "v": v, "tail1": tail1, "tail2": tail2, "start": start, "tail_at": keep2}
         x2 = jnp.concatenate([x, x], axis=0)
         vel, new = model.apply(variables, x2, mu2, jnp.full((2 * batch,), t), spks2, cond2, lengths2, True,
-                               True, {**step_cache, "tail_at": keep2}, method=Flow.estimate)
+                               True, step_cache, method=Flow.estimate)
         vel = w_cond * vel[:batch] - w_uncond * vel[batch:]
         return x + dt * vel, (new["k"].astype(k.dtype), new["v"].astype(v.dtype), new["tail1"], new["tail2"])
 
