@@ -44,10 +44,26 @@ def full_size_model_dir(tmp_path_factory, full_size_manifest) -> str:
 
 
 TINY_RELEASE = os.path.join(DATA, "tiny-release")
+TINY_PROMPT_TEXT = "You are a helpful assistant.<|endofprompt|>A short prompt."
+
+
+def voice_wav_bytes(seconds: float = 3.2, sr: int = 16000, f0: float = 180.0, seed: int = 0) -> bytes:
+    """A synthetic voiced prompt (tremolo sine + noise) encoded as a 16-bit WAV file."""
+    import io
+
+    import numpy as np
+    import soundfile
+
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * f0 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    x += 0.02 * np.random.default_rng(seed).standard_normal(t.size)
+    buf = io.BytesIO()
+    soundfile.write(buf, x.astype(np.float32), sr, format="WAV")
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")
-def tiny_release_converted(tmp_path_factory) -> str:
+def tiny_converted(tmp_path_factory) -> str:
     """The committed tiny release converted once per session (its converted directory)."""
     from cosyjax.convert import convert_to_dir
 
@@ -55,8 +71,8 @@ def tiny_release_converted(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_release_tts(tiny_release_converted):
+def tts(tiny_converted):
     """``CosyVoice3`` on the tiny release (shared by the pipeline and server tests)."""
     from cosyjax.pipeline import CosyVoice3
 
-    return CosyVoice3(TINY_RELEASE, converted_dir=tiny_release_converted, progress=False)
+    return CosyVoice3(TINY_RELEASE, converted_dir=tiny_converted, progress=False)

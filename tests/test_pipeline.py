@@ -12,33 +12,14 @@ import soundfile
 
 from cosyjax.pipeline import HubError, resolve_model_dir
 
-from conftest import DATA
-
-RELEASE = os.path.join(DATA, "tiny-release")
-PROMPT_TEXT = "You are a helpful assistant.<|endofprompt|>A short prompt."
-
-
-def _voice(path, seconds=3.2, sr=16000, f0=180.0, seed=0):
-    t = np.arange(int(seconds * sr)) / sr
-    x = 0.3 * np.sin(2 * np.pi * f0 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    x += 0.02 * np.random.default_rng(seed).standard_normal(t.size)
-    soundfile.write(path, x.astype(np.float32), sr)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def converted(tiny_release_converted):
-    return tiny_release_converted
-
-
-@pytest.fixture(scope="module")
-def tts(tiny_release_tts):
-    return tiny_release_tts
+from conftest import TINY_PROMPT_TEXT as PROMPT_TEXT, TINY_RELEASE as RELEASE, voice_wav_bytes
 
 
 @pytest.fixture(scope="module")
 def prompt_wav(tmp_path_factory):
-    return _voice(tmp_path_factory.mktemp("audio") / "prompt.wav")
+    path = tmp_path_factory.mktemp("audio") / "prompt.wav"
+    path.write_bytes(voice_wav_bytes())
+    return str(path)
 
 
 def _audio(gen):
@@ -117,16 +98,16 @@ def _cli(*args, cwd=None):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=cwd)
 
 
-def test_cli_tts_writes_a_wav_atomically(converted, prompt_wav, tmp_path):
+def test_cli_tts_writes_a_wav_atomically(tiny_converted, prompt_wav, tmp_path):
     out = tmp_path / "out.wav"
-    r = _cli("tts", "--model-dir", RELEASE, "--converted-dir", converted, "--text", "Hello.", "--prompt-wav",
+    r = _cli("tts", "--model-dir", RELEASE, "--converted-dir", tiny_converted, "--text", "Hello.", "--prompt-wav",
              prompt_wav, "--prompt-text", PROMPT_TEXT, "--stream", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     audio, sr = soundfile.read(out)
     assert sr == 24000 and audio.size > 0
     assert "chunk 1:" in r.stdout
     bad = tmp_path / "bad.wav"
-    r = _cli("tts", "--model-dir", RELEASE, "--converted-dir", converted, "--text", "Hello.", "--prompt-wav",
+    r = _cli("tts", "--model-dir", RELEASE, "--converted-dir", tiny_converted, "--text", "Hello.", "--prompt-wav",
              prompt_wav, "--mode", "zero_shot", "-o", str(bad))
     assert r.returncode == 2 and "--prompt-text" in r.stderr
     assert not bad.exists()
@@ -134,12 +115,12 @@ def test_cli_tts_writes_a_wav_atomically(converted, prompt_wav, tmp_path):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["offline", "stream"])
-def test_cli_tts_all_four_modes(converted, prompt_wav, tmp_path, stream, capsys):
+def test_cli_tts_all_four_modes(tiny_converted, prompt_wav, tmp_path, stream, capsys):
     """Issue acceptance: `cosyjax tts --model-dir tests/data/tiny-release ...` for every mode, stream or not
     (in-process `main`, so the four runs share compiled functions)."""
     from cosyjax.cli import main
 
-    common = ["--model-dir", RELEASE, "--converted-dir", converted, "--prompt-wav", prompt_wav] + (
+    common = ["--model-dir", RELEASE, "--converted-dir", tiny_converted, "--prompt-wav", prompt_wav] + (
         ["--stream"] if stream else [])
     runs = {"zero_shot": ["--text", "Hello world.", "--prompt-text", PROMPT_TEXT],
             "cross_lingual": ["--text", "You are a helpful assistant.<|endofprompt|>Hello world."],

@@ -26,39 +26,18 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from cosyjax.server import INSTRUCT_MESSAGE, SFT_MESSAGE, create_app  # noqa: E402
 
-from conftest import DATA  # noqa: E402
+from conftest import TINY_PROMPT_TEXT as PROMPT_TEXT, TINY_RELEASE as RELEASE, voice_wav_bytes  # noqa: E402
 
 # Inputs as in test_pipeline.py: the jitted stages are module-level, so in one pytest run the
 # server's requests reuse that file's compilations (same shapes) instead of compiling their own.
-RELEASE = os.path.join(DATA, "tiny-release")
-PROMPT_TEXT = "You are a helpful assistant.<|endofprompt|>A short prompt."
 CROSS_TEXT = "You are a helpful assistant.<|endofprompt|>Hello."
 INSTRUCT_TEXT = "You are a helpful assistant. Speak fast.<|endofprompt|>"
-
-
-def _voice_bytes(seconds=3.2, sr=16000, f0=180.0, seed=0, fmt="WAV") -> bytes:
-    t = np.arange(int(seconds * sr)) / sr
-    x = 0.3 * np.sin(2 * np.pi * f0 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    x += 0.02 * np.random.default_rng(seed).standard_normal(t.size)
-    buf = io.BytesIO()
-    soundfile.write(buf, x.astype(np.float32), sr, format=fmt)
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def converted(tiny_release_converted):
-    return tiny_release_converted
-
-
-@pytest.fixture(scope="module")
-def tts(tiny_release_tts):
-    return tiny_release_tts
 
 
 @pytest.fixture(scope="module")
 def prompt(tmp_path_factory):
     """(path, bytes) of a 3.2 s 16 kHz prompt; the server gets the bytes, the pipeline the path."""
-    data = _voice_bytes()
+    data = voice_wav_bytes()
     path = tmp_path_factory.mktemp("audio") / "prompt.wav"
     path.write_bytes(data)
     return str(path), data
@@ -362,11 +341,11 @@ def test_cli_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_cli_serve_over_a_socket(converted, prompt):
+def test_cli_serve_over_a_socket(tiny_converted, prompt):
     """`cosyjax serve` under uvicorn: a real HTTP/1.1 chunked response."""
     _, data = prompt
     proc = subprocess.Popen([sys.executable, "-m", "cosyjax.cli", "serve", "--model-dir", RELEASE, "--converted-dir",
-                             converted, "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
+                             tiny_converted, "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     try:
         port, lines, end = None, [], time.monotonic() + 240
