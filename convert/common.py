@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from cosyjax.checkpoint import structure_problems
+
 
 class ConversionError(ValueError):
     """A checkpoint cannot be converted: unreadable file, wrong keys or wrong shapes."""
@@ -206,13 +208,8 @@ def apply_table(
     unexpected = sorted(k for k in state_dict if k not in used)
     unfilled = sorted("/".join(p) for p in expected_flat if p not in out
                       and not any(p == e.path for e in table))
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+    problems = structure_problems(missing, unexpected, mismatched,
+                                  names=("missing keys", "unexpected keys", "shape mismatches"))
     if unknown_paths:  # a table bug, not a checkpoint problem
         problems.append(f"table maps to params the model does not have: {', '.join(unknown_paths)}")
     if unfilled:

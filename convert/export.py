@@ -38,13 +38,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from cosyjax.atomic import publish_dir
-from cosyjax.checkpoint import ConvertedModel
+from cosyjax.atomic import staged_dir
+from cosyjax.checkpoint import ConvertedModel, structure_problems
 from cosyjax.config import ModelConfig
 from cosyjax.convert import STAGE_FILES, flow as flow_table, hift as hift_table, llm as llm_table
 from cosyjax.convert.common import (ConversionError, Entry, conv1d_t, conv1d_weight_norm_t, flatten_params,
@@ -130,13 +129,8 @@ def _check_structure(params: Mapping[str, Any], expected: Mapping[str, Any], sou
     unexpected = sorted("/".join(p) for p in flat if p not in want)
     mismatched = [f"{'/'.join(p)} {tuple(np.shape(flat[p]))}, expected {tuple(want[p].shape)}"
                   for p in want if p in flat and tuple(np.shape(flat[p])) != tuple(want[p].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing params: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected params: {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+    problems = structure_problems(missing, unexpected, mismatched,
+                                  names=("missing params", "unexpected params", "shape mismatches"))
     if problems:
         raise ConversionError(f"{source}: " + " | ".join(problems))
     return flat
@@ -295,10 +289,7 @@ def export_to_dir(model: ConvertedModel | Mapping[str, Any], out_dir: str, *, co
     if template_dir is not None and not os.path.isdir(template_dir):
         raise FileNotFoundError(f"{template_dir}: template release directory not found")
     state_dicts = export_state_dicts(model, config=config, lm_head=lm_head)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with staged_dir(out_dir) as tmp:
         if template_dir is not None:
             skip = set(STAGE_FILES.values())
             shutil.copytree(template_dir, tmp, dirs_exist_ok=True,
@@ -306,10 +297,6 @@ def export_to_dir(model: ConvertedModel | Mapping[str, Any], out_dir: str, *, co
                                                      and n in skip])
         for stage, sd in state_dicts.items():
             torch.save(to_torch(sd), os.path.join(tmp, STAGE_FILES[stage]))
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

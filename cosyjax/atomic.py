@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from typing import Iterator
 
 
 def publish_dir(tmp: str, dst: str) -> str:
@@ -26,3 +28,22 @@ def publish_dir(tmp: str, dst: str) -> str:
     finally:
         shutil.rmtree(holder, ignore_errors=True)
     return dst
+
+
+@contextlib.contextmanager
+def staged_dir(dst: str) -> Iterator[str]:
+    """A fresh temp directory next to ``dst`` to build an output in.
+
+    When the block ends normally the directory is published as ``dst`` (``publish_dir``); when it
+    raises, the directory is removed and ``dst`` is left as it was.
+    """
+    dst = os.path.abspath(dst)
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        publish_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -14,20 +14,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from typing import Any, Mapping
 
 import numpy as np
 
-from cosyjax.atomic import publish_dir
+from cosyjax.atomic import staged_dir
 from cosyjax.config import ModelConfig
 
 FORMAT = "cosyjax-converted-v1"
 CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"
 DTYPES = ("float32", "bfloat16")
+
+
+def structure_problems(missing: list[str], unexpected: list[str], mismatched: list[str], *,
+                       names: tuple[str, str, str]) -> list[str]:
+    """The non-empty parts of a comparison of two structures, one message each, e.g.
+    ``["missing keys: a, b", "shape mismatches: x (1,), expected (2,); y ..."]``; ``names`` labels the
+    three lists."""
+    parts = zip(names, (missing, unexpected, mismatched), (", ", ", ", "; "))
+    return [f"{name}: {sep.join(items)}" for name, items, sep in parts if items]
 
 
 class CheckpointError(ValueError):
@@ -91,20 +98,13 @@ def save_converted(out_dir: str, model: ConvertedModel, *, overwrite: bool = Fal
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise CheckpointError(f"{out_dir}: output exists (pass --overwrite / overwrite=True to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with staged_dir(out_dir) as tmp:
         tree = {"params": cast_params(model.params, model.dtype), "buffers": cast_params(model.buffers, "float32")}
         ckpt = ocp.PyTreeCheckpointer()
         ckpt.save(os.path.join(tmp, PARAMS_DIR), tree)
         meta = {"format": FORMAT, "dtype": model.dtype, "model": model.config.to_dict(), "source": dict(model.source)}
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -91,16 +91,14 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import yaml
 
-from cosyjax.atomic import publish_dir
+from cosyjax.atomic import staged_dir
 from cosyjax.parity.case import CaseError
 
 QWEN_DIR = "CosyVoice-BlankEN"
@@ -1603,8 +1601,7 @@ def make_case(reference_repo: str, config_path: str, seed: int, out_dir: str, *,
         log(f"stand-ins for packages not importable here: {', '.join(info.stand_ins)}")
     import torch
 
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with staged_dir(out_dir) as tmp:
         with _torch_reference_mode():
             model_dir = os.path.join(tmp, "model")
             os.makedirs(model_dir)
@@ -1744,10 +1741,6 @@ def make_case(reference_repo: str, config_path: str, seed: int, out_dir: str, *,
             for name in names:
                 os.chmod(os.path.join(root, name), 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out_dir} in {time.time() - t_start:.1f}s")
     return out_dir
 

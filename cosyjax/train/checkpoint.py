@@ -13,7 +13,7 @@ leaf, unexpected leaf and shape/dtype difference.  Restored leaves take the shar
 (a replicated or pmap-replicated template restores replicated; an uncommitted one uncommitted).
 
 Writes are atomic: everything goes to a sibling temp directory that is renamed into place
-(``cosyjax.atomic.publish_dir``), so an interrupted save never leaves a half checkpoint.
+(``cosyjax.atomic.staged_dir``), so an interrupted save never leaves a half checkpoint.
 ``save_checkpoint(run_dir, state)`` keeps ``run_dir/step_00000100``-style subdirectories and prunes
 old ones; ``latest_checkpoint(run_dir)`` finds the newest for resuming.
 """
@@ -24,14 +24,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from cosyjax.atomic import publish_dir
+from cosyjax.atomic import staged_dir
+from cosyjax.checkpoint import structure_problems
 
 FORMAT = "cosyjax-train-state-v1"
 META_NAME = "meta.json"
@@ -98,17 +98,10 @@ def save_train_state(path: str, state: Any, *, overwrite: bool = False,
     meta = {"format": FORMAT, "step": step, "leaves": {"/".join(p): _describe(leaf) for p, leaf in items},
             "metadata": dict(metadata or {})}
     json.dumps(meta)  # fail on unserialisable metadata before writing anything
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    with staged_dir(path) as tmp:
         ocp.PyTreeCheckpointer().save(os.path.join(tmp, STATE_DIR), _nested(items))
         with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
-        publish_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -156,13 +149,9 @@ def restore_train_state(path: str, like: Any) -> Any:
     unexpected = sorted(k for k in saved if k not in want)
     mismatched = [f"{k}: saved {saved[k][0]} {saved[k][1]}, expected {want[k][0]} {want[k][1]}"
                   for k in want if k in saved and saved[k] != want[k]]
-    problems = []
-    if missing:
-        problems.append(f"leaves missing from the checkpoint: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"leaves the template does not have: {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shape/dtype mismatches: {'; '.join(mismatched)}")
+    problems = structure_problems(missing, unexpected, mismatched,
+                                  names=("leaves missing from the checkpoint", "leaves the template does not have",
+                                         "shape/dtype mismatches"))
     if problems:
         raise TrainCheckpointError(f"{path}: checkpoint does not fit the template state (another model or "
                                    f"optimizer?): " + " | ".join(problems))
