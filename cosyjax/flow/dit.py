@@ -81,7 +81,7 @@ def apply_interleaved_rotary(x: Array, positions: Array, rot_dim: int) -> Array:
     return jnp.concatenate([out, rest], axis=-1).astype(x.dtype)
 
 
-def attention_mask(lengths: Array, num_frames: int, chunk_size: int, streaming: bool) -> Array:
+def attention_mask(lengths: Array, num_frames: int, chunk_size: int, streaming: bool | Array) -> Array:
     """Boolean attention mask [B, T, S] of DiT.forward (cosyvoice/utils/mask.py::add_optional_chunk_mask).
 
     Keys at or beyond a row's length are hidden (the padding mask).  With ``streaming`` and
@@ -90,14 +90,15 @@ def attention_mask(lengths: Array, num_frames: int, chunk_size: int, streaming: 
     passes ``num_decoding_left_chunks=-1`` literally (and the ONNX-friendly ``subsequent_chunk_mask``
     ignores it anyway), so the config's ``num_decoding_left_chunks`` never changes the mask.
     Upstream turns an all-False row into all-True; with lengths >= 1 key 0 is always visible, so no
-    row is ever all-False here.
+    row is ever all-False here.  ``streaming`` may be a traced bool (training draws it per batch).
     """
     frames = jnp.arange(num_frames)
     mask = jnp.broadcast_to((frames[None, :] < lengths[:, None])[:, None, :],
                             (lengths.shape[0], num_frames, num_frames))  # [B, T, S]
-    if streaming and chunk_size > 0:
+    if chunk_size > 0 and streaming is not False:
         visible_end = (frames // chunk_size + 1) * chunk_size  # [T]
-        mask = mask & (frames[None, :] < visible_end[:, None])[None]
+        chunked = (frames[None, :] < visible_end[:, None])[None]
+        mask = mask & (chunked if streaming is True else chunked | ~jnp.asarray(streaming, bool))
     return mask
 
 

@@ -438,14 +438,10 @@ def flow_loss(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Array, *
             dropout_key = jax.random.fold_in(dropout_key, jnp.asarray(batch["example_index"], jnp.int32)[0])
         rngs = {"dropout": dropout_key}
 
-    def estimate(streaming: bool) -> Array:
-        return model.apply(variables, y, mu, t, spks, cond, mel_len, streaming=streaming,
-                           deterministic=deterministic, method=Flow.estimate, rngs=rngs)
-
-    if _is_concrete(draws.streaming):
-        pred = estimate(bool(np.asarray(draws.streaming)))
-    else:
-        pred = jax.lax.cond(draws.streaming, lambda: estimate(True), lambda: estimate(False))
+    # one DiT program for both mask kinds: the streaming draw selects the chunk mask inside it
+    streaming = bool(np.asarray(draws.streaming)) if _is_concrete(draws.streaming) else draws.streaming
+    pred = model.apply(variables, y, mu, t, spks, cond, mel_len, streaming=streaming,
+                       deterministic=deterministic, method=Flow.estimate, rngs=rngs)
     err = jnp.where(frame_mask, pred - u, 0.0)
     num_frames = jnp.sum(mel_len)
     loss = jnp.sum(jnp.square(err)) / (jnp.maximum(num_frames, 1) * channels).astype(jnp.float32)
