@@ -5,11 +5,20 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tempfile
 
 import pytest
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Most of the suite's time on tiny models is XLA compilation, and many tests (and the CLI/server
+# subprocesses they start, which inherit this environment) compile the same programs.  JAX's
+# persistent compilation cache shares those executables between tests, pytest-xdist workers and
+# subprocesses; a size bound turns on its file lock, so concurrent workers are safe.  Set
+# JAX_COMPILATION_CACHE_DIR yourself to move it, or to "" to compile everything afresh.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cosyjax-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 
 def case_dirs() -> list[str]:

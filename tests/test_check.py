@@ -63,7 +63,14 @@ def test_bad_case_dir(tmp_path):
         load_case(str(tmp_path))
 
 
-@pytest.mark.parametrize("case_dir", case_dirs(), ids=os.path.basename)
+def _full_check_params() -> list:
+    """tiny-a (the independently made case) runs in the default suite; the other committed cases are ``slow``
+    here because every group of theirs is already checked in the default suite by its stage's test file
+    (test_llm/test_flow/test_hift/test_model/test_train_losses ``test_parity``-style tests, same runners)."""
+    return [pytest.param(d, marks=() if d == TINY_CASE else pytest.mark.slow) for d in case_dirs()]
+
+
+@pytest.mark.parametrize("case_dir", _full_check_params(), ids=os.path.basename)
 def test_check_every_committed_case_passes(case_dir, tmp_path):
     """The acceptance run: every group of every committed case passes, with all report files written."""
     out = tmp_path / "report"
