@@ -43,9 +43,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from cosyjax.atomic import staged_dir
-from cosyjax.checkpoint import ConvertedModel, structure_problems
+from cosyjax.checkpoint import CONVERTED_SUBDIR, ConvertedModel, structure_problems
 from cosyjax.config import ModelConfig
-from cosyjax.convert import STAGE_FILES, flow as flow_table, hift as hift_table, llm as llm_table
+from cosyjax.convert import LLM_FILES, STAGE_FILES, flow as flow_table, hift as hift_table, llm as llm_table
 from cosyjax.convert.common import (ConversionError, Entry, conv1d_t, conv1d_weight_norm_t, flatten_params,
                                     identity, linear_t)
 
@@ -274,7 +274,8 @@ def export_to_dir(model: ConvertedModel | Mapping[str, Any], out_dir: str, *, co
       model: a ConvertedModel or a params dict (with ``config``), as for ``export_state_dicts``.
       template_dir: a release directory whose other files (cosyvoice3.yaml, CosyVoice-BlankEN/, the
         ONNX frontend models) are copied alongside, so ``out_dir`` loads in upstream's
-        ``AutoModel`` as it is.  Without it only the three .pt files are written.
+        ``AutoModel`` as it is; its llm.rl.pt and its ``.cosyjax`` conversion cache are not copied.
+        Without it only the three .pt files are written.
       overwrite: replace an existing ``out_dir``.
 
     Raises:
@@ -291,7 +292,9 @@ def export_to_dir(model: ConvertedModel | Mapping[str, Any], out_dir: str, *, co
     state_dicts = export_state_dicts(model, config=config, lm_head=lm_head)
     with staged_dir(out_dir) as tmp:
         if template_dir is not None:
-            skip = set(STAGE_FILES.values())
+            # not the template's own weights (an llm.rl.pt beside the exported llm.pt would be the old LLM),
+            # nor its convert-on-first-use cache
+            skip = set(STAGE_FILES.values()) | set(LLM_FILES) | {CONVERTED_SUBDIR}
             shutil.copytree(template_dir, tmp, dirs_exist_ok=True,
                             ignore=lambda d, names: [n for n in names if os.path.samefile(d, template_dir)
                                                      and n in skip])

@@ -26,6 +26,7 @@ FORMAT = "cosyjax-converted-v1"
 CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"
 DTYPES = ("float32", "bfloat16")
+CONVERTED_SUBDIR = ".cosyjax"  # convert-on-first-use cache inside a release directory (cosyjax.pipeline)
 
 
 def structure_problems(missing: list[str], unexpected: list[str], mismatched: list[str], *,

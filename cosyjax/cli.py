@@ -2,7 +2,7 @@
 
 Commands:
   cosyjax tts --text T [--prompt-wav W --prompt-text P] [--mode ...] [--stream] [--seed N] -o out.wav
-  cosyjax convert --model-dir M --out O [--dtype float32|bfloat16] [--overwrite]
+  cosyjax convert --model-dir M --out O [--dtype float32|bfloat16] [--llm-file llm.pt|llm.rl.pt] [--overwrite]
   cosyjax export --converted-dir C --out O [--template RELEASE_DIR]   (JAX -> upstream .pt)
   cosyjax serve --model-dir M [--host 0.0.0.0] [--port 50000] [--dtype ...]   (pip install "cosyjax[server]")
   cosyjax parity check --case DIR --out REPORT_DIR [--stages llm,flow,hift]
@@ -21,6 +21,7 @@ EXAMPLES = """examples:
       --prompt-text "You are a helpful assistant.<|endofprompt|>Transcript of prompt.wav." -o out.wav
   cosyjax tts --model-dir tests/data/tiny-release --text "Hello world." --prompt-wav p.wav --stream -o out.wav
   cosyjax convert --model-dir pretrained_models/Fun-CosyVoice3-0.5B --out converted/cv3
+  cosyjax convert --model-dir pretrained_models/Fun-CosyVoice3-0.5B --llm-file llm.rl.pt --out converted/cv3-rl
   cosyjax parity check --case tests/data/tiny-a --out /tmp/report --stages hift
   cosyjax parity make-case --reference-repo ~/src/CosyVoice --config tests/data/configs/tiny-b.yaml \\
       --seed 0 --out /tmp/tiny-b
@@ -85,7 +86,7 @@ def _cmd_tts(args: argparse.Namespace) -> int:
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{out_dir}: output directory does not exist")
     tts = CosyVoice3.from_pretrained(args.model_dir, dtype=args.dtype, backend=args.backend,
-                                     converted_dir=args.converted_dir)
+                                     converted_dir=args.converted_dir, llm_file=args.llm_file)
     text = args.text
     if mode == "cross_lingual" and "<|endofprompt|>" not in text:
         text = DEFAULT_MARKER_PREFIX + text  # CosyVoice3's cross-lingual text carries the prompt marker
@@ -123,8 +124,8 @@ def _cmd_tts(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from cosyjax.convert import convert_to_dir
 
-    out = convert_to_dir(args.model_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                         progress=not args.quiet)
+    out = convert_to_dir(args.model_dir, args.out, dtype=args.dtype, llm_file=args.llm_file,
+                         overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {out}")
     return 0
 
@@ -149,7 +150,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tts = CosyVoice3.from_pretrained(args.model_dir, dtype=args.dtype, backend=args.backend,
-                                     converted_dir=args.converted_dir)
+                                     converted_dir=args.converted_dir, llm_file=args.llm_file)
     if args.spkinfo:
         print(f"cached voices: {', '.join(tts.load_spkinfo(args.spkinfo)) or '(none)'}")
     limits = {"max_text_chars": args.max_text_chars, "max_pending": args.max_pending}
@@ -207,6 +208,10 @@ def _cmd_live(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+LLM_FILE_HELP = ("LLM checkpoint in the release to convert: llm.pt (upstream's choice, default) or llm.rl.pt "
+                 "(the 2512 release's RL-tuned LLM); with --converted-dir it is what that dir was made from")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosyjax", description="CosyVoice3 in JAX/Flax.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--converted-dir", default=None,
                    help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
     p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
     p.add_argument("-o", "--output", required=True, help="output wav (24 kHz, written atomically)")
     p.set_defaults(func=_cmd_tts)
@@ -237,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, help="release directory (cosyvoice3.yaml, llm.pt, flow.pt, hift.pt)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
@@ -257,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--converted-dir", default=None,
                    help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
     p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=50000, help="upstream's default port")

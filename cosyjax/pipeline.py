@@ -33,13 +33,12 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from cosyjax.checkpoint import CheckpointError, load_converted
+from cosyjax.checkpoint import CONVERTED_SUBDIR, CheckpointError, load_converted
 from cosyjax.config import QWEN_DIR, load_model_config
 
 DEFAULT_HUB_ID = "FunAudioLLM/Fun-CosyVoice3-0.5B-2512"
 SPEECH_TOKENIZER = "speech_tokenizer_v3.onnx"
 SPEAKER_ENCODER = "campplus.onnx"
-CONVERTED_SUBDIR = ".cosyjax"
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,9 @@ def resolve_model_dir(model_dir_or_hub_id: str, *, cache_dir: str | None = None)
             "it as the model directory (cosyjax tts --model-dir DIR, CosyVoice3.from_pretrained(DIR)).") from None
 
 
-def _source_fingerprint(model_dir: str) -> dict[str, Any]:
+def _source_fingerprint(model_dir: str, llm_file: str) -> dict[str, Any]:
     out = {}
-    for name in ("cosyvoice3.yaml", "llm.pt", "flow.pt", "hift.pt", os.path.join(QWEN_DIR, "config.json")):
+    for name in ("cosyvoice3.yaml", llm_file, "flow.pt", "hift.pt", os.path.join(QWEN_DIR, "config.json")):
         p = os.path.join(model_dir, name)
         if os.path.exists(p):
             st = os.stat(p)
@@ -94,16 +93,22 @@ def _writable(directory: str) -> bool:
         return False
 
 
-def ensure_converted(model_dir: str, dtype: str = "float32", *, progress: bool = True) -> str:
+def ensure_converted(model_dir: str, dtype: str = "float32", *, llm_file: str = "llm.pt",
+                     progress: bool = True) -> str:
     """Path of a converted copy of ``model_dir``, converting on first use.
 
-    The cache lives next to the release (``<model_dir>/.cosyjax/<dtype>``) or, if that is read-only,
-    under ``~/.cache/cosyjax``.  It is rebuilt when the source files' sizes or times change.
+    The cache lives next to the release (``<model_dir>/.cosyjax/<dtype>``, ``<dtype>-llm.rl`` for
+    ``llm_file="llm.rl.pt"``) or, if that is read-only, under ``~/.cache/cosyjax``.  It is rebuilt
+    when the source files' sizes or times change.
     """
-    fingerprint = _source_fingerprint(model_dir)
-    candidates = [os.path.join(model_dir, CONVERTED_SUBDIR, dtype)]
+    from cosyjax.convert import stage_files  # validates llm_file (the converter needs torch only to run)
+
+    stage_files(llm_file)
+    fingerprint = _source_fingerprint(model_dir, llm_file)
+    variant = dtype if llm_file == "llm.pt" else f"{dtype}-{llm_file[:-len('.pt')]}"
+    candidates = [os.path.join(model_dir, CONVERTED_SUBDIR, variant)]
     key = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.abspath(model_dir).strip("/"))
-    candidates.append(os.path.join(os.path.expanduser("~/.cache/cosyjax"), key, dtype))
+    candidates.append(os.path.join(os.path.expanduser("~/.cache/cosyjax"), key, variant))
     for out in candidates:
         cfg = os.path.join(out, "config.json")
         if os.path.isfile(cfg):
@@ -123,7 +128,7 @@ def ensure_converted(model_dir: str, dtype: str = "float32", *, progress: bool =
     from cosyjax.checkpoint import save_converted
 
     log.info("converting %s to %s (first use)", model_dir, target)
-    model = convert_model(model_dir, dtype=dtype, progress=progress)
+    model = convert_model(model_dir, dtype=dtype, llm_file=llm_file, progress=progress)
     model = type(model)(config=model.config, params=model.params, buffers=model.buffers, dtype=model.dtype,
                         source={**model.source, "fingerprint": fingerprint})
     return save_converted(target, model, overwrite=True)
@@ -137,13 +142,15 @@ class CosyVoice3:
         campplus.onnx, speech_tokenizer_v3.onnx).
       dtype: "float32" or "bfloat16" (LLM weights and activations; flow/HiFT compute in float32).
       converted_dir: an existing ``cosyjax convert`` output; default: convert on first use and cache.
+      llm_file: the LLM checkpoint converted on first use: "llm.pt" (upstream's choice) or the
+        release's RL-tuned "llm.rl.pt" (ignored with ``converted_dir``, which holds what it was made from).
       backend: JAX platform to run on ("cpu", "gpu", "tpu"); default: JAX's default.
       onnx_providers: onnxruntime providers for the prompt feature models.
       model_options: passed to ``CosyVoice3Model`` (sampler, upstream quirk switches, ...).
     """
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", converted_dir: str | None = None,
-                 backend: str | None = None, onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 llm_file: str = "llm.pt", backend: str | None = None, onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",),
                  progress: bool = True, **model_options: Any):
         from cosyjax.frontend import (CosyVoice3Tokenizer, SpeakerEncoderONNX, SpeechTokenizerONNX,
                                       TextNormalizer)
@@ -161,7 +168,8 @@ class CosyVoice3:
                 raise FileNotFoundError(f"{os.path.join(model_dir, name)}: missing (a release directory holds it)")
         self.speech_tokenizer = SpeechTokenizerONNX(os.path.join(model_dir, SPEECH_TOKENIZER), providers=onnx_providers)
         self.speaker_encoder = SpeakerEncoderONNX(os.path.join(model_dir, SPEAKER_ENCODER), providers=onnx_providers)
-        converted = load_converted(converted_dir or ensure_converted(model_dir, dtype, progress=progress))
+        converted = load_converted(converted_dir or ensure_converted(model_dir, dtype, llm_file=llm_file,
+                                                                     progress=progress))
         with jax.default_device(self.device):
             self.model = CosyVoice3Model(converted, dtype, **model_options)
         self.spk2info: dict[str, Any] = {}

@@ -262,3 +262,56 @@ def test_load_converted_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a converted model"):
         load_converted(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------- llm.rl.pt
+def _rl_release(release: str) -> dict:
+    """Give ``release`` an llm.rl.pt: llm.pt's tensors, every float one scaled by 2 (same keys and shapes)."""
+    sd = torch.load(os.path.join(release, "llm.pt"), weights_only=True)
+    rl = {k: v * 2 if v.is_floating_point() else v for k, v in sd.items()}
+    torch.save(rl, os.path.join(release, "llm.rl.pt"))
+    return rl
+
+
+def test_llm_file_selects_the_rl_checkpoint(release):
+    _rl_release(release)
+    plain_model = convert_model(release, progress=False)
+    rl_model = convert_model(release, llm_file="llm.rl.pt", progress=False)
+    assert "llm.rl.pt" in rl_model.source and "llm.pt" not in rl_model.source
+    plain_llm, rl_llm = _flat(plain_model.params["llm"]), _flat(rl_model.params["llm"])
+    assert plain_llm and rl_llm.keys() == plain_llm.keys()
+    for key, value in rl_llm.items():
+        np.testing.assert_array_equal(value, 2 * plain_llm[key])
+    for stage in ("flow", "hift"):  # the other stages are the same files
+        want, got = _flat(plain_model.params[stage]), _flat(rl_model.params[stage])
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def _flat(tree) -> dict:
+    from cosyjax.convert.common import flatten_params
+
+    return {k: np.asarray(v, np.float32) for k, v in flatten_params(tree).items()}
+
+
+@pytest.mark.parametrize("bad", ["", "../llm.pt", "/abs/llm.rl.pt", "llm.rl", "sub/llm.pt"])
+def test_llm_file_must_be_a_pt_name_in_the_release(release, bad):
+    with pytest.raises(ConversionError, match="llm_file"):
+        convert_model(release, llm_file=bad, progress=False)
+
+
+def test_missing_llm_rl_is_named(release):
+    with pytest.raises(ConversionError, match=r"llm\.rl\.pt: checkpoint file not found \(llm stage\)"):
+        convert_model(release, llm_file="llm.rl.pt", progress=False)
+
+
+def test_convert_on_first_use_caches_each_llm_file_apart(release):
+    from cosyjax.pipeline import ensure_converted
+
+    _rl_release(release)
+    plain_dir = ensure_converted(release, progress=False)
+    rl_dir = ensure_converted(release, llm_file="llm.rl.pt", progress=False)
+    assert os.path.basename(plain_dir) == "float32" and os.path.basename(rl_dir) == "float32-llm.rl"
+    assert ensure_converted(release, llm_file="llm.rl.pt", progress=False) == rl_dir  # cached
+    a, b = load_converted(plain_dir), load_converted(rl_dir)
+    key = next(iter(_flat(a.params["llm"])))
+    np.testing.assert_array_equal(_flat(b.params["llm"])[key], 2 * _flat(a.params["llm"])[key])

@@ -167,6 +167,20 @@ def test_export_dir_is_atomic_and_a_complete_release(converted, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["release"]  # nothing half-written
 
 
+def test_export_skips_the_templates_rl_llm_and_conversion_cache(converted, tmp_path):
+    """A template's llm.rl.pt (the old LLM beside the exported llm.pt) and its .cosyjax cache stay behind."""
+    import shutil
+
+    template = tmp_path / "template"
+    shutil.copytree(TINY, template)
+    shutil.copy(template / "llm.pt", template / "llm.rl.pt")
+    (template / ".cosyjax" / "float32").mkdir(parents=True)
+    (template / ".cosyjax" / "float32" / "config.json").write_text("{}")
+    out = tmp_path / "release"
+    export_to_dir(converted, str(out), template_dir=str(template))
+    assert set(os.listdir(out)) == set(os.listdir(TINY))
+
+
 def test_cli_export(tmp_path, capsys):
     from cosyjax.checkpoint import save_converted
     from cosyjax.cli import main

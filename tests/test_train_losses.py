@@ -271,7 +271,7 @@ _JITTED: dict = {}
 
 
 def _loss_fn(cfg: FlowConfig, deterministic: bool = True):
-    """One jitted flow_loss per (config, deterministic), with traced draws (streaming via lax.cond)."""
+    """One jitted flow_loss per (config, deterministic), with traced draws (a traced streaming flag too)."""
     key = (cfg, deterministic)
     if key not in _JITTED:
         _JITTED[key] = jax.jit(lambda p, b, k, d: flow_loss(p, b, k, cfg=cfg, draws=d, deterministic=deterministic))
@@ -423,3 +423,34 @@ def test_train_case_from_upstream_passes(tmp_path):
     report = run_check(out, str(tmp_path / "report"), stages=["train"], progress=False)
     groups = {g["group"]: g["status"] for g in report["groups"]}
     assert groups == {g: "pass" for g in TRAIN_GROUPS}, report["groups"]
+
+
+def test_opt_in_cosine_t_and_l1_loss(model):
+    """Research options: t = 1 - cos(pi/2 u) from the same u as the uniform draw (nothing else changes), and
+    the L1 loss is sum |residual| / (frames * C) over the residual whose MSE is upstream's loss."""
+    from cosyjax.train.losses import flow_residual
+
+    cfg, params = model.config.flow, model.params["flow"]
+    batch = _flow_batch(cfg, [7, 4, 6], n=9)
+    key = jax.random.key(5)
+    uniform = sample_flow_draws(key, batch, cfg=cfg)
+    cosine = sample_flow_draws(key, batch, cfg=cfg, t_schedule="cosine")
+    np.testing.assert_allclose(np.asarray(cosine.t), 1 - np.cos(np.asarray(uniform.t, np.float64) * np.pi / 2),
+                               rtol=1e-6, atol=1e-7)
+    for name in ("prompt_len", "cfg_keep", "z", "streaming"):
+        np.testing.assert_array_equal(np.asarray(getattr(cosine, name)), np.asarray(getattr(uniform, name)))
+    residual, frames = flow_residual(params, batch, None, cfg=cfg, draws=uniform)
+    residual = np.asarray(residual, np.float64)
+    assert int(frames) == cfg.token_mel_ratio * (7 + 4 + 6)
+    denom = int(frames) * cfg.output_size
+    mse, _ = flow_loss(params, batch, None, cfg=cfg, draws=uniform)
+    l1, _ = flow_loss(params, batch, None, cfg=cfg, draws=uniform, loss_type="l1")
+    np.testing.assert_allclose(float(mse), np.sum(residual ** 2) / denom, rtol=1e-5)
+    np.testing.assert_allclose(float(l1), np.sum(np.abs(residual)) / denom, rtol=1e-5)
+    # flow_loss's own draws follow t_schedule
+    own, _ = flow_loss(params, batch, key, cfg=cfg, t_schedule="cosine")
+    assert float(own) == float(flow_loss(params, batch, None, cfg=cfg, draws=cosine)[0])
+    with pytest.raises(ValueError, match="t_schedule='linear'"):
+        sample_flow_draws(key, batch, cfg=cfg, t_schedule="linear")
+    with pytest.raises(ValueError, match="loss_type='huber'"):
+        flow_loss(params, batch, key, cfg=cfg, loss_type="huber")

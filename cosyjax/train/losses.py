@@ -39,6 +39,11 @@ Flow: what upstream actually does, which differs from what its yaml suggests:
   (rate 0.2), else all three are zeroed;
 - the DiT runs with dropout (``FlowConfig.dropout``, 0.1) in training: ``deterministic=False``.
 
+What the yaml suggests is there as opt-in research options, off by default so the loss stays
+upstream's: ``sample_flow_draws(..., t_schedule="cosine")`` draws ``t = 1 - cos(pi/2 * u)`` with u
+uniform (the warp upstream's inference applies to its time grid), ``flow_loss(..., loss_type="l1")``
+uses ``sum(|pred - u| * mask) / (sum(mask) * C)``.
+
 All random draws are explicit (``FlowLossDraws``) so parity replays upstream's recorded draws.
 """
 
@@ -341,8 +346,20 @@ def _check_flow_batch(cfg: FlowConfig, batch: Mapping[str, Any]) -> tuple[int, i
     return b, n, frames
 
 
-def sample_flow_draws(rng: Array, batch: Mapping[str, Any], *, cfg: FlowConfig) -> FlowLossDraws:
+T_SCHEDULES = ("uniform", "cosine")
+LOSS_TYPES = ("mse", "l1")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+
+
+def sample_flow_draws(rng: Array, batch: Mapping[str, Any], *, cfg: FlowConfig,
+                      t_schedule: str = "uniform") -> FlowLossDraws:
     """Draw ``FlowLossDraws`` with upstream's distributions (see the module docstring).  Jittable.
+
+    ``t_schedule``: "uniform" (upstream's training t) or "cosine" (``1 - cos(pi/2 * u)``, opt-in).
 
     Per-example: row b's draws come from ``fold_in(fold_in(rng, 1), i_b)`` with i_b =
     ``batch["example_index"][b]`` when present (the index in the global batch, so data-parallel
@@ -353,6 +370,7 @@ def sample_flow_draws(rng: Array, batch: Mapping[str, Any], *, cfg: FlowConfig) 
     The prompt length k is uniform in ``0 .. floor(0.3 * speech_feat_len)`` (computed as
     ``3 * len // 10``, which is what upstream's float32 ``int(0.3 * len)`` gives).
     """
+    _check_choice("t_schedule", t_schedule, T_SCHEDULES)
     batch_size, _, frames = _check_flow_batch(cfg, batch)
     index = (jnp.asarray(batch["example_index"], jnp.int32) if "example_index" in batch
              else jnp.arange(batch_size, dtype=jnp.int32))
@@ -367,6 +385,8 @@ def sample_flow_draws(rng: Array, batch: Mapping[str, Any], *, cfg: FlowConfig) 
         prompt_on = jax.random.uniform(jax.random.fold_in(key, _ROW_PROMPT_ON), ()) >= PROMPT_PROBABILITY
         k = jax.random.randint(jax.random.fold_in(key, _ROW_PROMPT_LEN), (), 0, num * length // den + 1)
         t = jax.random.uniform(jax.random.fold_in(key, _ROW_T), (), jnp.float32)
+        if t_schedule == "cosine":
+            t = 1 - jnp.cos(t * (0.5 * jnp.pi))
         if cfg.training_cfg_rate > 0:
             keep = jax.random.uniform(jax.random.fold_in(key, _ROW_CFG), ()) > cfg.training_cfg_rate
         else:
@@ -381,8 +401,33 @@ def sample_flow_draws(rng: Array, batch: Mapping[str, Any], *, cfg: FlowConfig) 
 
 
 def flow_loss(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Array, *, cfg: FlowConfig,
-              draws: FlowLossDraws | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+              draws: FlowLossDraws | None = None, deterministic: bool = True, t_schedule: str = "uniform",
+              loss_type: str = "mse") -> tuple[Array, dict[str, Array]]:
     """``CausalMaskedDiffWithDiT.forward``'s conditional flow-matching loss.  Pure, jittable.
+
+    Args:
+      params, batch, rng, cfg, draws, deterministic, t_schedule: as for ``flow_residual``.
+      loss_type: "mse" (upstream) or "l1".  Static.
+    Returns:
+      (loss scalar float32, {"num_frames": int32 scalar, the loss-mask frame count}).  The loss is
+      the MSE over the frames ``< token_mel_ratio * speech_token_len`` and all C channels,
+      ``sum(residual^2) / (num_frames * C)`` as upstream's ``F.mse_loss(reduction="sum") / (sum(mask) * C)``
+      (L1: ``sum(|residual|) / (num_frames * C)``).
+    Raises:
+      ValueError as ``flow_residual``, and for an unknown ``loss_type``.
+    """
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    err, num_frames = flow_residual(params, batch, rng, cfg=cfg, draws=draws, deterministic=deterministic,
+                                    t_schedule=t_schedule)
+    per_element = jnp.square(err) if loss_type == "mse" else jnp.abs(err)
+    loss = jnp.sum(per_element) / (jnp.maximum(num_frames, 1) * cfg.output_size).astype(jnp.float32)
+    return loss, {"num_frames": num_frames}
+
+
+def flow_residual(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Array, *, cfg: FlowConfig,
+                  draws: FlowLossDraws | None = None, deterministic: bool = True,
+                  t_schedule: str = "uniform") -> tuple[Array, Array]:
+    """The masked velocity residual ``pred - u`` that ``flow_loss`` reduces.  Pure, jittable.
 
     Args:
       params: flow params (``ConvertedModel.flow``).
@@ -398,16 +443,17 @@ def flow_loss(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Array, *
       draws: explicit random draws (parity replays upstream's).
       deterministic: False applies the DiT's training dropout (``cfg.dropout``), as upstream's
         ``train()`` mode does.  Static.
+      t_schedule: "uniform" (upstream) or "cosine", for the draws made here (not for given ``draws``).
     Returns:
-      (loss scalar float32, {"num_frames": int32 scalar, the loss-mask frame count}).  The loss is
-      MSE over the frames ``< token_mel_ratio * speech_token_len`` and all C channels.
+      (residual [B, T, C] float32, zero at frames ``>= token_mel_ratio * speech_token_len``,
+      num_frames int32 scalar: the loss-mask frame count).
     Raises:
       ValueError for missing keys or mismatched shapes; with concrete arrays also for lengths out of
       range, token ids outside the vocabulary, or non-finite features.
     """
     batch_size, num_tokens, frames = _check_flow_batch(cfg, batch)
     if draws is None:
-        draws = sample_flow_draws(rng, batch, cfg=cfg)
+        draws = sample_flow_draws(rng, batch, cfg=cfg, t_schedule=t_schedule)
     channels = cfg.output_size
     if draws.z.shape != (batch_size, frames, channels) or draws.t.shape != (batch_size,) or \
             draws.prompt_len.shape != (batch_size,) or draws.cfg_keep.shape != (batch_size,):
@@ -442,11 +488,8 @@ def flow_loss(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Array, *
     streaming = bool(np.asarray(draws.streaming)) if _is_concrete(draws.streaming) else draws.streaming
     pred = model.apply(variables, y, mu, t, spks, cond, mel_len, streaming=streaming,
                        deterministic=deterministic, method=Flow.estimate, rngs=rngs)
-    err = jnp.where(frame_mask, pred - u, 0.0)
-    num_frames = jnp.sum(mel_len)
-    loss = jnp.sum(jnp.square(err)) / (jnp.maximum(num_frames, 1) * channels).astype(jnp.float32)
-    return loss, {"num_frames": num_frames}
+    return jnp.where(frame_mask, pred - u, 0.0), jnp.sum(mel_len)
 
 
-__all__ = ["IGNORE_ID", "FlowLossDraws", "bistream_eligible", "flow_loss", "llm_loss", "llm_row_layout",
+__all__ = ["IGNORE_ID", "LOSS_TYPES", "T_SCHEDULES", "FlowLossDraws", "bistream_eligible", "flow_loss", "flow_residual", "llm_loss", "llm_row_layout",
            "prepare_llm_batch", "sample_flow_draws"]
