@@ -150,8 +150,9 @@ class CosyVoice3:
     """
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", converted_dir: str | None = None,
-                 llm_file: str = "llm.pt", backend: str | None = None, onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 progress: bool = True, **model_options: Any):
+                 llm_file: str = "llm.pt", backend: str | None = None,
+                 onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",), progress: bool = True,
+                 **model_options: Any):
         from cosyjax.frontend import (CosyVoice3Tokenizer, SpeakerEncoderONNX, SpeechTokenizerONNX,
                                       TextNormalizer)
         from cosyjax.model import CosyVoice3Model
