@@ -491,5 +491,5 @@ def flow_residual(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Arra
     return jnp.where(frame_mask, pred - u, 0.0), jnp.sum(mel_len)
 
 
-__all__ = ["IGNORE_ID", "LOSS_TYPES", "T_SCHEDULES", "FlowLossDraws", "bistream_eligible", "flow_loss", "flow_residual", "llm_loss", "llm_row_layout",
-           "prepare_llm_batch", "sample_flow_draws"]
+__all__ = ["IGNORE_ID", "LOSS_TYPES", "T_SCHEDULES", "FlowLossDraws", "bistream_eligible", "flow_loss", "flow_residual",
+           "llm_loss", "llm_row_layout", "prepare_llm_batch", "sample_flow_draws"]
