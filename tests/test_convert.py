@@ -265,12 +265,10 @@ def test_load_converted_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- llm.rl.pt
-def _rl_release(release: str) -> dict:
+def _rl_release(release: str) -> None:
     """Give ``release`` an llm.rl.pt: llm.pt's tensors, every float one scaled by 2 (same keys and shapes)."""
     sd = torch.load(os.path.join(release, "llm.pt"), weights_only=True)
-    rl = {k: v * 2 if v.is_floating_point() else v for k, v in sd.items()}
-    torch.save(rl, os.path.join(release, "llm.rl.pt"))
-    return rl
+    torch.save({k: v * 2 if v.is_floating_point() else v for k, v in sd.items()}, os.path.join(release, "llm.rl.pt"))
 
 
 def test_llm_file_selects_the_rl_checkpoint(release):
