@@ -32,6 +32,7 @@ from benchmarks import flow as flow_stage
 from benchmarks import hift as hift_stage
 from benchmarks.common import finish_row, log, measure, new_row, set_cosyjax
 from benchmarks.models import Bundle
+from cosyjax.model import Trace
 
 
 class LLMControl:
@@ -138,8 +139,9 @@ def run_e2e(bundle: Bundle) -> list[dict[str, Any]]:
     sr = wl.config.hift.sampling_rate
 
     def ours():
-        chunks = [c["tts_speech"] for c in m.tts(**kwargs)]
-        return np.concatenate(chunks, axis=1), len(m.last_trace["llm_tokens"]), len(m.last_trace["flow_tokens"])
+        trace = Trace()
+        chunks = [c["tts_speech"] for c in m.tts(**kwargs, trace=trace)]
+        return np.concatenate(chunks, axis=1), len(trace.llm_tokens), len(trace.flow_tokens)
 
     prewarmed = _ours_prewarmed(bundle)
     log(f"[e2e] cosyjax: tts(stream=False), {wl.e2e_text_len} text tokens -> {wl.e2e_tokens} speech tokens "

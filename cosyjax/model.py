@@ -24,14 +24,19 @@ Stream (SPEC 8.2), upstream's hop schedule::
     final: M += flow(all tokens, streaming=False, finalize=True)[ratio * offset:]
            yield hift(M, finalize=True)[emitted:]
 
-Upstream quirks reproduced by default, each behind an option:
+Upstream quirks, each behind an option:
 
-- ``upstream_hop_quirk=True``: upstream keeps the hop in an *instance* attribute that is never
-  reset, so on one model the first stream request runs hops base+pad, 2 base, 4 base, ... and every
-  later request starts where the previous one stopped (4 base = 100 for the release), with the pad
-  computed against that hop.  Its break test also uses the hop just processed (stale), which only
-  matters when the first hop (max + pad) exceeds the next.  ``False`` gives every request the fresh
-  schedule and tests with the current hop.
+- ``upstream_hop_quirk`` (off by default): upstream keeps the hop in an *instance* attribute that
+  is never reset, so on one model the first stream request runs hops base+pad, 2 base, 4 base, ...
+  and every later request starts where the previous one stopped (4 base = 100 for the release),
+  with the pad computed against that hop.  Its break test also uses the hop just processed
+  (stale), which only matters when the first hop (max + pad) exceeds the next.  Here that shared
+  hop is an explicit ``HopState``: pass the same one to several ``tts(..., hop_state=...)`` calls
+  to reproduce upstream (the parity runner does), or set ``upstream_hop_quirk=True`` to have the
+  model share its own ``hop_state`` across every request, as upstream does.  By default every
+  request gets the fresh schedule, so a request's output never depends on earlier requests.
+Reproduced by default:
+
 - ``silent_filter=True``: ``CosyVoiceModel.llm_job`` drops silent/breath tokens
   (``SILENT_TOKENS``) from the flow input once a run of them exceeds ``MAX_SILENT_RUN`` (5); the LLM
   still saw them (our decode loop feeds every sampled token back, as upstream's).  The counter is
@@ -43,7 +48,14 @@ the flow prompt is used as given, without the 2:1 token/frame trim of zero-shot 
 
 Randomness: one PRNG key per request drives the LLM sampler, and decode step i uses
 ``fold_in(key, i)``, so the tokens do not depend on how the decode is chunked: stream and
-non-stream calls with the same key produce the same tokens.  The flow noise is the converted
+non-stream calls with the same key produce the same tokens.  The audio of two calls with the same
+key and options is identical; stream and non-stream audio differ (chunk-causal attention and
+held-back look-ahead; ``stream_seams`` measures by how much), and with a shared ``HopState`` a
+stream's audio also depends on the requests before it (its hop sizes do).
+
+Re-entrancy: the model holds no per-request state.  A request's bookkeeping lives in the objects
+passed to ``tts``: ``trace`` (a ``Trace`` it fills) and ``hop_state`` (only for upstream's shared
+hop), so two requests may run on one model at the same time.  The flow noise is the converted
 model's fixed buffer and the HiFT source noise is fixed per model (``hift_noise``), as upstream's
 construction-time buffers are.
 
@@ -186,6 +198,46 @@ class HopSchedule:
 
 
 @dataclasses.dataclass
+class HopState:
+    """Upstream's stream hop that outlives a request (``CosyVoice2Model.token_hop_len``).
+
+    Requests given the same ``HopState`` continue each other's hop schedule, exactly as upstream's
+    never-reset instance attribute does; share one only on purpose (parity with upstream).
+    """
+
+    hop: int
+
+
+@dataclasses.dataclass
+class Trace:
+    """What one ``tts`` call did; pass one in to have it filled (tests, parity, metrics).
+
+    Attributes:
+      llm_tokens: [N] tokens the LLM emitted (or the forced / source tokens).
+      flow_tokens: [N'] tokens given to the flow (after the silent-token filter).
+      hops: stream hop sizes in tokens (empty for non-stream).
+      flow_calls: [K, 3] (target tokens, streaming, finalize) per flow call.
+      mel: with ``record_mel``, the whole mel [1, T, C] the vocoder received (after ``speed``).
+    """
+
+    record_mel: bool = False
+    llm_tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    flow_tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    hops: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    flow_calls: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int64))
+    mel: np.ndarray | None = None
+
+    def _record(self, raw: Sequence[int], tokens: Sequence[int], hops: Sequence[int],
+                calls: Sequence[tuple[int, int, int]], mel: np.ndarray | None) -> None:
+        self.llm_tokens = np.asarray(raw, np.int64)
+        self.flow_tokens = np.asarray(tokens, np.int64)
+        self.hops = np.asarray(hops, np.int64)
+        self.flow_calls = np.asarray(calls, np.int64).reshape(-1, 3)
+        if self.record_mel:
+            self.mel = mel
+
+
+@dataclasses.dataclass
 class Request:
     """One validated request (host arrays).  See ``CosyVoice3Model.tts`` for the fields."""
 
@@ -245,7 +297,8 @@ class CosyVoice3Model:
       sampler: LLM sampler settings; default RAS with the release's ``sampling`` section.
       hift_noise: the HiFT source's random buffers, fixed for the model like upstream's
         construction-time ``torch.rand`` buffers: None (seed 0), an int seed, a key or ``HiftNoise``.
-      upstream_hop_quirk: reproduce upstream's never-reset stream hop (see the module docstring).
+      upstream_hop_quirk: share one ``HopState`` (``self.hop_state``) across every stream request,
+        as upstream's never-reset hop does (see the module docstring); off by default.
       silent_filter, silent_tokens, max_silent_run: upstream's silent-token filter.
       max_hop_factor, stream_scale_factor: hop growth (upstream literals 4 and 2).
       f0_float64: HiFT f0 net in float64 like upstream.
@@ -261,7 +314,7 @@ class CosyVoice3Model:
 
     def __init__(self, converted: ConvertedModel, dtype: str | None = None, *,
                  sampler: SamplerSettings | None = None, hift_noise: Any = None,
-                 upstream_hop_quirk: bool = True, silent_filter: bool = True,
+                 upstream_hop_quirk: bool = False, silent_filter: bool = True,
                  silent_tokens: Sequence[int] = SILENT_TOKENS, max_silent_run: int = MAX_SILENT_RUN,
                  max_hop_factor: int = MAX_HOP_FACTOR, stream_scale_factor: int = STREAM_SCALE_FACTOR,
                  f0_float64: bool = True, hift_carry: bool = True, flow_carry: bool = True,
@@ -293,12 +346,8 @@ class CosyVoice3Model:
         self.hift_carry = hift_carry
         self.flow_carry = flow_carry
         self.final_full_attention = final_full_attention
-        # upstream's instance attribute self.token_hop_len (only used with upstream_hop_quirk)
-        self.token_hop_len = self.schedule.base
-        # What the last request did (for tests and parity): "llm_tokens", "flow_tokens" [N] and
-        # "flow_calls" [K, 3] = (target tokens, streaming, finalize) per flow call.
-        self.last_trace: dict[str, np.ndarray] = {}
-        self._flow_calls: list[tuple[int, int, int]] = []
+        # upstream's never-reset self.token_hop_len, shared by every request only with the quirk on
+        self.hop_state = HopState(self.schedule.base)
 
     # ---------------------------------------------------------------- validation
     def _request(self, text_ids, prompt_text_ids, llm_prompt_speech_tokens, flow_prompt_speech_tokens,
@@ -372,20 +421,21 @@ class CosyVoice3Model:
         for new, state, _ in lm.stream(self.params["llm"], self.config.llm, state, self.sampler, chunk_size=chunk):
             yield np.asarray(new[0], np.int64), bool(np.asarray(state.done)[0])
 
-    def _flow(self, tokens: Sequence[int], req: Request, *, streaming: bool, finalize: bool) -> np.ndarray:
-        """flow_inference for one request -> mel [1, T, C] (numpy)."""
-        self._flow_calls.append((len(tokens), int(streaming), int(finalize)))
+    def _flow(self, tokens: Sequence[int], req: Request, calls: list, *, streaming: bool, finalize: bool
+              ) -> np.ndarray:
+        """flow_inference for one request -> mel [1, T, C] (numpy); the call is logged in ``calls``."""
+        calls.append((len(tokens), int(streaming), int(finalize)))
         mel = flow_inference(self.params["flow"], np.asarray(tokens, np.int64)[None],
                              req.flow_prompt_speech[None], req.prompt_feat[None], req.embedding[None],
                              cfg=self.config.flow, noise=self.flow_noise, streaming=streaming, finalize=finalize)
         return np.asarray(mel)
 
-    def _flow_hop(self, tokens: Sequence[int], req: Request, state: FlowStreamState | None, out_from: int, *,
-                  finalize: bool) -> np.ndarray:
+    def _flow_hop(self, tokens: Sequence[int], req: Request, calls: list, state: FlowStreamState | None,
+                  out_from: int, *, finalize: bool) -> np.ndarray:
         """One chunk-causal stream hop: generated frames ``out_from ..`` of the prefix ``tokens``."""
         if state is None:
-            return self._flow(tokens, req, streaming=True, finalize=finalize)[:, out_from:]
-        self._flow_calls.append((len(tokens), 1, int(finalize)))
+            return self._flow(tokens, req, calls, streaming=True, finalize=finalize)[:, out_from:]
+        calls.append((len(tokens), 1, int(finalize)))
         mel, _ = flow_stream_push(self.params["flow"], state, np.asarray(tokens, np.int64)[None], cfg=self.config.flow,
                                   noise=self.flow_noise, finalize=finalize, out_from=out_from)
         return mel
@@ -406,11 +456,6 @@ class CosyVoice3Model:
         audio = np.asarray(audio)
         return audio, emitted + audio.shape[1], state
 
-    def _trace(self, raw, tokens, hops=()) -> None:
-        self.last_trace = {"llm_tokens": np.asarray(raw, np.int64), "flow_tokens": np.asarray(tokens, np.int64),
-                           "hops": np.asarray(hops, np.int64),
-                           "flow_calls": np.asarray(self._flow_calls, np.int64).reshape(-1, 3)}
-
     def _empty(self) -> dict[str, np.ndarray]:
         return {"tts_speech": np.zeros((1, 0), np.float32)}
 
@@ -418,7 +463,8 @@ class CosyVoice3Model:
     def tts(self, text_ids: Any = (), *, prompt_text_ids: Any = (), llm_prompt_speech_tokens: Any = (),
             flow_prompt_speech_tokens: Any = (), prompt_feat: Any = None, embedding: Any = None,
             source_speech_tokens: Any = None, stream: bool = False, speed: float = 1.0, key: Any = None,
-            forced_tokens: Any = None) -> Iterator[dict[str, np.ndarray]]:
+            forced_tokens: Any = None, trace: Trace | None = None, hop_state: HopState | None = None
+            ) -> Iterator[dict[str, np.ndarray]]:
         """Synthesize one request; returns a generator of ``{"tts_speech": [1, samples] float32}``.
 
         Args:
@@ -435,6 +481,10 @@ class CosyVoice3Model:
           speed: non-stream only; the mel is resampled to int(T / speed) frames.
           key: the request's PRNG key (int seed, ``jax.random.key`` or a uint32[2] key).
           forced_tokens: [N] stand-in for the LLM output (the silent filter still applies).
+          trace: a ``Trace`` to fill with what the call did (filled when the generator finishes).
+          hop_state: stream only: a ``HopState`` shared on purpose with other requests (upstream's
+            never-reset hop); default: ``self.hop_state`` with ``upstream_hop_quirk``, else a fresh
+            schedule for this request.
 
         Raises:
           ValueError, at call time and before any device work, for empty text (when the LLM runs),
@@ -443,36 +493,45 @@ class CosyVoice3Model:
         """
         req = self._request(text_ids, prompt_text_ids, llm_prompt_speech_tokens, flow_prompt_speech_tokens,
                             prompt_feat, embedding, source_speech_tokens, forced_tokens, speed, key, stream)
+        if hop_state is not None and not isinstance(hop_state, HopState):
+            raise ValueError(f"hop_state: expected a HopState, found {type(hop_state).__name__}")
+        trace = trace if trace is not None else Trace()
         if stream:
-            return self._tts_stream(req)
-        return self._tts_offline(req)
+            # A shared hop state also brings upstream's stale break test (see the module docstring).
+            shared = hop_state is not None or self.upstream_hop_quirk
+            if hop_state is None:
+                hop_state = self.hop_state if self.upstream_hop_quirk else HopState(self.schedule.base)
+            return self._tts_stream(req, trace, hop_state, shared)
+        return self._tts_offline(req, trace)
 
-    def _tts_offline(self, req: Request) -> Iterator[dict[str, np.ndarray]]:
-        self._flow_calls = []
+    def _tts_offline(self, req: Request, trace: Trace) -> Iterator[dict[str, np.ndarray]]:
+        calls: list[tuple[int, int, int]] = []
         filt = self._filter(req.source_speech is not None)
         raw: list[int] = []
         tokens: list[int] = []
         for new, _ in self._token_source(req, self.schedule.base):
             raw.extend(int(t) for t in new)
             tokens.extend(filt(new))
-        self._trace(raw, tokens)
         if not tokens:
+            trace._record(raw, tokens, (), calls, None)
             yield self._empty()
             return
-        mel = self._flow(tokens, req, streaming=False, finalize=True)
+        mel = self._flow(tokens, req, calls, streaming=False, finalize=True)
         if req.speed != 1.0:
             mel = interpolate_linear(mel, int(mel.shape[1] / req.speed))
+        trace._record(raw, tokens, (), calls, mel)
         yield {"tts_speech": self._hift(mel, finalize=True)}
 
-    def _tts_stream(self, req: Request) -> Iterator[dict[str, np.ndarray]]:
-        self._flow_calls = []
+    def _tts_stream(self, req: Request, trace: Trace, hop_state: HopState, shared: bool
+                    ) -> Iterator[dict[str, np.ndarray]]:
+        calls: list[tuple[int, int, int]] = []
         sched = self.schedule
         filt = self._filter(req.source_speech is not None)
         source = self._token_source(req, sched.base)
         raw: list[int] = []
         tokens: list[int] = []
         llm_done = False
-        hop = self.token_hop_len if self.upstream_hop_quirk else sched.base
+        hop = hop_state.hop
         num_prompt = int(req.flow_prompt_speech.size)
         pad = sched.pad(hop, num_prompt)
         offset = 0
@@ -491,29 +550,29 @@ class CosyVoice3Model:
                 raw.extend(int(t) for t in new)
                 tokens.extend(filt(new))
             if len(tokens) >= need:
-                mel = self._flow_hop(tokens[:need], req, flow_state, sched.token_mel_ratio * offset, finalize=False)
+                mel = self._flow_hop(tokens[:need], req, calls, flow_state, sched.token_mel_ratio * offset,
+                                     finalize=False)
                 mel_all = np.concatenate([mel_all, mel], axis=1)
                 audio, emitted, vocoder = self._hift_stream(mel_all, mel, emitted, vocoder, finalize=False)
                 offset += this_hop
                 hops.append(this_hop)
                 hop = sched.next_hop(hop)
-                if self.upstream_hop_quirk:
-                    self.token_hop_len = hop
+                hop_state.hop = hop
                 yield {"tts_speech": np.asarray(audio)}
-            # Upstream tests the stale hop (the one just processed); the corrected mode tests the next.
-            check = this_hop if self.upstream_hop_quirk else hop + (pad if offset == 0 else 0)
+            # Upstream tests the stale hop (the one just processed); the fresh schedule tests the next.
+            check = this_hop if shared else hop + (pad if offset == 0 else 0)
             if llm_done and len(tokens) - offset < check + sched.lookahead:
                 break
         if not tokens:
-            self._trace(raw, tokens, hops)
+            trace._record(raw, tokens, hops, calls, None)
             yield self._empty()
             return
         if self.final_full_attention:
-            mel = self._flow(tokens, req, streaming=False, finalize=True)[:, sched.token_mel_ratio * offset:]
+            mel = self._flow(tokens, req, calls, streaming=False, finalize=True)[:, sched.token_mel_ratio * offset:]
         else:
-            mel = self._flow_hop(tokens, req, flow_state, sched.token_mel_ratio * offset, finalize=True)
-        self._trace(raw, tokens, hops)
+            mel = self._flow_hop(tokens, req, calls, flow_state, sched.token_mel_ratio * offset, finalize=True)
         mel_all = np.concatenate([mel_all, mel], axis=1)
+        trace._record(raw, tokens, hops, calls, mel_all)
         audio, emitted, vocoder = self._hift_stream(mel_all, mel, emitted, vocoder, finalize=True)
         yield {"tts_speech": np.asarray(audio)}
 

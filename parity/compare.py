@@ -15,6 +15,7 @@ class Comparison:
     ``max_abs`` is max |ours - ref|; ``index`` is where it happens with both values there;
     ``rel`` is max_abs / max |ref|; ``snr_db`` = 10 log10(sum ref^2 / sum (ours-ref)^2) for audio.
     A comparison passes when max_abs <= atol (and snr_db >= snr_min where given, and shapes agree).
+    ``model`` says where the tolerance comes from (``cosyjax.parity.error_model``).
     """
 
     key: str
@@ -29,6 +30,7 @@ class Comparison:
     snr_min: float | None = None
     shape: list[int] | None = None
     message: str = ""
+    model: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -44,8 +46,9 @@ def snr_db(ours: np.ndarray, ref: np.ndarray) -> float:
     return 10.0 * np.log10(sig / err)
 
 
-def compare_close(key: str, ours: Any, ref: Any, atol: float, *, snr_min: float | None = None) -> Comparison:
-    """Float comparison with an absolute tolerance (and an SNR floor for audio)."""
+def compare_close(key: str, ours: Any, ref: Any, atol: float, *, snr_min: float | None = None,
+                  model: str = "") -> Comparison:
+    """Float comparison with an absolute tolerance (and an SNR floor for audio); ``model`` names its origin."""
     ours = np.asarray(ours)
     ref = np.asarray(ref)
     if ours.shape != ref.shape:
@@ -72,7 +75,14 @@ def compare_close(key: str, ours: Any, ref: Any, atol: float, *, snr_min: float 
     passed = max_abs <= atol and (snr_min is None or snr >= snr_min)
     return Comparison(key, bool(passed), atol=atol, max_abs=max_abs, rel=rel, index=idx,
                       ours_at=float(o[tuple(idx)]), ref_at=float(r[tuple(idx)]), snr_db=snr,
-                      snr_min=snr_min, shape=list(ref.shape))
+                      snr_min=snr_min, shape=list(ref.shape), model=model)
+
+
+def compare_probed(key: str, ours: Any, ref: Any, sigma: float, *, snr_min: float | None = None) -> Comparison:
+    """``compare_close`` with the error-model tolerance ``KAPPA * sigma`` (``cosyjax.parity.error_model``)."""
+    from cosyjax.parity import error_model as em
+
+    return compare_close(key, ours, ref, em.tolerance(sigma, ref), snr_min=snr_min, model=em.describe(sigma, ref))
 
 
 def compare_equal(key: str, ours: Any, ref: Any) -> Comparison:
@@ -102,4 +112,6 @@ def format_comparison(c: Comparison) -> str:
         parts.append(f"snr={c.snr_db:.1f} dB (min {c.snr_min})")
     if c.message:
         parts.append(c.message)
+    if not c.passed and c.model:
+        parts.append(f"[{c.model}]")
     return " ".join(parts)

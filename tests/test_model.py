@@ -8,7 +8,7 @@ import pytest
 from cosyjax import model as model_mod
 from cosyjax.llm import lm
 from cosyjax.llm.sampling import SamplerSettings
-from cosyjax.model import CosyVoice3Model, SilentTokenFilter, interpolate_linear
+from cosyjax.model import CosyVoice3Model, HopState, SilentTokenFilter, Trace, interpolate_linear
 from cosyjax.parity.case import load_case
 from cosyjax.parity.compare import format_comparison
 from cosyjax.parity.stages.tts import RUNNERS
@@ -45,9 +45,16 @@ def _prompt(case):
                 embedding=a["flow_embedding"][0])
 
 
+def _traced(m, **kwargs):
+    """(audio [1, n], chunk lengths, Trace) of one ``tts`` call."""
+    trace = Trace()
+    chunks = [c["tts_speech"] for c in m.tts(**kwargs, trace=trace)]
+    return np.concatenate(chunks, axis=1), [c.shape[1] for c in chunks], trace
+
+
 def _speech(m, **kwargs):
-    chunks = [c["tts_speech"] for c in m.tts(**kwargs)]
-    return np.concatenate(chunks, axis=1), [c.shape[1] for c in chunks]
+    audio, lengths, _ = _traced(m, **kwargs)
+    return audio, lengths
 
 
 def _codes(converted, n, seed=0, avoid_silent=True):
@@ -106,9 +113,10 @@ def test_voice_conversion_skips_llm_and_filter_and_keeps_untrimmed_prompt(case_m
     source = np.concatenate([_codes(converted, 6), np.full(8, silent)])
     prompt = _prompt(case)
     feat = prompt["prompt_feat"][:-3]  # VC: prompt mel frames != ratio * prompt tokens
-    audio, _ = _speech(m, source_speech_tokens=source, flow_prompt_speech_tokens=prompt["flow_prompt_speech_tokens"],
-                       prompt_feat=feat, embedding=prompt["embedding"])
-    np.testing.assert_array_equal(m.last_trace["flow_tokens"], source)  # no silent filter in VC
+    audio, _, trace = _traced(m, source_speech_tokens=source,
+                              flow_prompt_speech_tokens=prompt["flow_prompt_speech_tokens"], prompt_feat=feat,
+                              embedding=prompt["embedding"])
+    np.testing.assert_array_equal(trace.flow_tokens, source)  # no silent filter in VC
     ratio = converted.config.flow.token_mel_ratio
     frames = ratio * (len(prompt["flow_prompt_speech_tokens"]) + len(source)) - len(feat)
     assert audio.shape == (1, converted.config.hift.upsample_scale * frames)
@@ -130,9 +138,9 @@ def test_silent_filter_in_model(case_model):
     forced = np.concatenate([_codes(converted, 5), np.resize(silent, 8), _codes(converted, 4, 1)])
     for enabled, kept in ((True, len(forced) - 3), (False, len(forced))):
         m = CosyVoice3Model(converted, silent_filter=enabled)
-        _speech(m, forced_tokens=forced, **_prompt(case))
-        np.testing.assert_array_equal(m.last_trace["llm_tokens"], forced)
-        assert len(m.last_trace["flow_tokens"]) == kept
+        _, _, trace = _traced(m, forced_tokens=forced, **_prompt(case))
+        np.testing.assert_array_equal(trace.llm_tokens, forced)
+        assert len(trace.flow_tokens) == kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,21 +159,26 @@ def test_hop_schedule_quirk_and_corrected(case_model):
     max_hop = 4 * base
     pad_max = -(-p // max_hop) * max_hop - p
 
-    m = CosyVoice3Model(converted)  # upstream_hop_quirk=True
+    m = CosyVoice3Model(converted, upstream_hop_quirk=True)  # one HopState shared by every request
     assert m.schedule.base == base and m.schedule.max_hop == max_hop
-    _, lengths = _speech(m, forced_tokens=forced, stream=True, **prompt)
-    assert m.last_trace["hops"].tolist() == expected_first
-    calls = m.last_trace["flow_calls"].tolist()
+    _, lengths, trace = _traced(m, forced_tokens=forced, stream=True, **prompt)
+    assert trace.hops.tolist() == expected_first
+    calls = trace.flow_calls.tolist()
     assert calls[:-1] == [[sum(expected_first[:i + 1]) + la, 1, 0] for i in range(3)]
     assert calls[-1] == [len(forced), 0, 1]
     assert len(lengths) == 4
-    _speech(m, forced_tokens=forced, stream=True, **prompt)  # stale hop: starts at the max
-    assert m.last_trace["hops"].tolist()[0] == max_hop + pad_max
+    _, _, trace = _traced(m, forced_tokens=forced, stream=True, **prompt)  # stale hop: starts at the max
+    assert trace.hops.tolist()[0] == max_hop + pad_max
 
-    m = CosyVoice3Model(converted, upstream_hop_quirk=False)
-    for _ in range(2):
-        _speech(m, forced_tokens=forced, stream=True, **prompt)
-        assert m.last_trace["hops"].tolist() == expected_first
+    # The same sharing made explicit: a HopState handed to the requests that should share it.
+    m = CosyVoice3Model(converted)
+    shared = HopState(base)
+    for first in (base + pad, max_hop + pad_max):
+        _, _, trace = _traced(m, forced_tokens=forced, stream=True, hop_state=shared, **prompt)
+        assert trace.hops.tolist()[0] == first
+    for _ in range(2):  # the default: every request starts the fresh schedule
+        _, _, trace = _traced(m, forced_tokens=forced, stream=True, **prompt)
+        assert trace.hops.tolist() == expected_first
 
 
 def test_stream_concatenation_matches_offline_when_no_hop(case_model):
@@ -202,10 +215,8 @@ def test_stream_tokens_equal_offline_tokens_for_same_key(case_model):
               llm_prompt_speech_tokens=a["llm_prompt_speech_token"][0], **_prompt(case))
     tokens = {}
     for key in (1, 2):
-        _speech(m, key=key, **kw)
-        offline = m.last_trace["llm_tokens"]
-        _, lengths = _speech(m, key=key, stream=True, **kw)
-        np.testing.assert_array_equal(m.last_trace["llm_tokens"], offline)
+        offline = _traced(m, key=key, **kw)[2].llm_tokens
+        np.testing.assert_array_equal(_traced(m, key=key, stream=True, **kw)[2].llm_tokens, offline)
         assert len(offline) >= 2 * len(a["text"][0])
         tokens[key] = offline
     assert not np.array_equal(tokens[1][:len(tokens[2])], tokens[2][:len(tokens[1])])  # keys matter

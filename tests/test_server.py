@@ -61,11 +61,6 @@ def _pcm(response) -> np.ndarray:
     return np.frombuffer(response.content, dtype="<i2")
 
 
-def _fresh_hop(tts):
-    # upstream's never-reset stream hop lives on the model: start server and direct runs from the same hop
-    tts.model.token_hop_len = tts.model.schedule.base
-
-
 def test_health(client, tts):
     r = client.get("/health")
     assert r.status_code == 200
@@ -101,9 +96,7 @@ def test_routes_match_the_pipeline_bit_for_bit(client, tts, prompt):
 def test_stream_is_the_pipeline_stream_one_chunk_per_yield(client, tts, prompt):
     path, data = prompt
     fields = {"tts_text": "Hello.", "prompt_text": PROMPT_TEXT, "seed": "3", "stream": "true"}
-    _fresh_hop(tts)
     got = _pcm(client.post("/inference_zero_shot", data=fields, files={"prompt_wav": ("p.wav", data)}))
-    _fresh_hop(tts)
     direct = [(np.asarray(o["tts_speech"]).reshape(-1) * 2 ** 15).astype(np.int16)
               for o in tts.inference_zero_shot("Hello.", PROMPT_TEXT, path, seed=3, stream=True)]
     assert len(direct) >= 2
@@ -112,7 +105,6 @@ def test_stream_is_the_pipeline_stream_one_chunk_per_yield(client, tts, prompt):
     # Raw ASGI: one http.response.body message per model yield (TestClient joins them).
     request = httpx.Request("POST", "http://test/inference_zero_shot", data=fields,
                             files={"prompt_wav": ("p.wav", data)})
-    _fresh_hop(tts)
     status, headers, bodies = _asgi(client.app, request)
     assert status == 200 and (b"x-sample-rate", b"24000") in headers
     assert [np.frombuffer(b, "<i2").size for b in bodies if b] == [c.size for c in direct if c.size]
