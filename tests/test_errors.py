@@ -360,3 +360,41 @@ def test_server_upload_over_the_limit_is_413():
 def test_create_app_limits_must_be_positive(name):
     with pytest.raises(ValueError, match=f"{name}=0: expected a positive integer"):
         _server_app(_Chunks(), **{name: 0})
+
+
+# ---------------------------------------------------------------------------------------- pipeline, train
+def test_add_zero_shot_spk_needs_an_id():
+    from cosyjax.pipeline import CosyVoice3
+
+    with pytest.raises(ValueError, match="zero_shot_spk_id must be a non-empty string"):
+        CosyVoice3.add_zero_shot_spk(None, "A prompt.", "prompt.wav", "")  # checked before any work
+
+
+def test_train_checkpoint_errors(tmp_path):
+    from cosyjax.train.checkpoint import (
+        META_NAME, STATE_DIR, TrainCheckpointError, read_metadata, save_checkpoint, save_train_state)
+
+    with pytest.raises(TrainCheckpointError, match="state has no array leaves"):
+        save_train_state(str(tmp_path / "empty"), {})
+    assert not (tmp_path / "empty").exists()
+    with pytest.raises(ValueError, match=r"keep=0 must be >= 1 \(or None\)"):
+        save_checkpoint(str(tmp_path / "run"), {"step": np.zeros((), np.int32)}, keep=0)
+    bad = tmp_path / "bad"
+    (bad / STATE_DIR).mkdir(parents=True)
+    (bad / META_NAME).write_text("{ not json")
+    with pytest.raises(TrainCheckpointError, match=f"{bad / META_NAME}: unreadable"):
+        read_metadata(str(bad))
+
+
+def test_optimizer_conf_with_an_unknown_key():
+    from cosyjax.train.step import optimizer_from_train_conf
+
+    with pytest.raises(ValueError, match=r"train_conf.optim_conf: unsupported keys \['amsgrad'\]"):
+        optimizer_from_train_conf({"optim": "adam", "optim_conf": {"lr": 1e-3, "amsgrad": True}})
+
+
+def test_make_mesh_without_devices():
+    from cosyjax.train.parallel import make_mesh
+
+    with pytest.raises(ValueError, match="make_mesh: no devices"):
+        make_mesh([])
