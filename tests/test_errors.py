@@ -398,3 +398,49 @@ def test_make_mesh_without_devices():
 
     with pytest.raises(ValueError, match="make_mesh: no devices"):
         make_mesh([])
+
+
+def test_flow_lengths_must_fit_their_arrays(flow_cfg):
+    from cosyjax.flow.flow import flow_inference
+
+    c = flow_cfg.output_size
+    with pytest.raises(ValueError, match=r"token_len: lengths \[5\] must lie in \[0, 4\]"):
+        flow_inference({}, np.zeros((1, 4), np.int64), np.zeros((1, 0), np.int64), np.zeros((1, 0, c), np.float32),
+                       np.zeros((1, flow_cfg.spk_embed_dim), np.float32), cfg=flow_cfg,
+                       noise=np.zeros((1, c, 100), np.float32), streaming=False, finalize=True, token_len=[5])
+
+
+def test_export_params_errors():
+    from cosyjax.convert.common import ConversionError
+    from cosyjax.convert.export import export_flow, export_state_dicts
+
+    with pytest.raises(ValueError, match=r"export of a bare params dict needs config= \(a ModelConfig\)"):
+        export_state_dicts({"llm": {}, "flow": {}, "hift": {}})
+    with pytest.raises(ConversionError, match="flow params: params must be a nested dict of arrays, found list"):
+        export_flow([], load_model_config(TINY_A).flow)
+
+
+# ---------------------------------------------------------------------------------------- parity harness
+def test_case_keys_must_name_their_group(tmp_path):
+    from cosyjax.parity.case import CaseError, load_case
+
+    case = tmp_path / "case"
+    shutil.copytree(os.path.dirname(TINY_A), case)
+    with np.load(case / "golden.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(case / "golden.npz", **arrays, loose=np.zeros(1))
+    with pytest.raises(CaseError, match=f"{case}/golden.npz: key 'loose' is not of the form <group>/<name>"):
+        load_case(str(case))
+
+
+def test_llm_runner_names_missing_reference_arrays():
+    from cosyjax.parity.case import Case, load_case
+    from cosyjax.parity.stages import llm as llm_stage
+
+    case = load_case(os.path.dirname(TINY_A))
+    arrays = {k: v for k, v in case.arrays.items() if k != "llm/prompt_text"}
+    with pytest.raises(ValueError, match=f"{case.path}: llm group lacks llm/prompt_text"):
+        llm_stage._request(dataclasses.replace(case, arrays=arrays))
+    arrays = {**case.arrays, "llm/text": np.repeat(case.arrays["llm/text"], 2, axis=0)}
+    with pytest.raises(ValueError, match=f"{case.path}: llm/text has batch 2; the runner expects 1"):
+        llm_stage._request(Case(path=case.path, arrays=arrays, manifest=case.manifest, meta=case.meta))
