@@ -303,8 +303,8 @@ class CosyVoice3Model:
       max_hop_factor, stream_scale_factor: hop growth (upstream literals 4 and 2).
       f0_float64: HiFT f0 net in float64 like upstream.
       hift_carry: stream the vocoder with carried state (``cosyjax.hift.stream``: O(chunk) work per hop;
-        equal to the re-run bit for bit before the last chunk, 8.4e-7 at most in it). False re-runs
-        the vocoder on all mel so far at every hop, as upstream does (O(total) per hop).
+        equal to the re-run up to buffer-size-dependent float32 rounding, tests/test_hift_stream.py).
+        False re-runs the vocoder on all mel so far at every hop, as upstream does (O(total) per hop).
       flow_carry: integrate each stream hop's flow frames once against a K/V cache
         (``cosyjax.flow.stream``; O(new frames) DiT work per hop, cache memory
         ``flow.stream.cache_bytes_per_frame`` per frame).  False re-runs the flow on the prefix.

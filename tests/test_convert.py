@@ -201,27 +201,139 @@ def _torch_arrays(stage):
     return {k: v.numpy() for k, v in torch.load(os.path.join(TINY, f"{stage}.pt"), weights_only=True).items()}
 
 
+# Torch keys that map to no param, by design (convert/llm.py, convert/flow.py docstrings).
+NOT_PARAMS = {"llm.model.lm_head.weight", "decoder.estimator.rotary_embed.inv_freq"}
+EMBEDDINGS = ("embed_tokens", "speech_embedding", "input_embedding")
+# Module-name rewrites where the Flax tree does not follow "name.N" -> "name_N" (written from the
+# torch modules: the Qwen2 wrapper, the DiT estimator, ConvPositionEmbedding's Sequentials).
+RENAMES = (("llm.model.model.", "llm."), ("decoder.estimator.", "estimator."),
+           ("conv_pos_embed.conv1.0", "conv_pos_embed.conv1"), ("conv_pos_embed.conv2.0", "conv_pos_embed.conv2"))
+
+
+def _jax_module_path(module: str) -> tuple[str, ...]:
+    for old, new in RENAMES:
+        module = module.replace(old, new)
+    parts: list[str] = []
+    for part in module.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += f"_{part}"  # torch "layers.3" / "ups.0" / "ff.0.0" -> "layers_3" / "ups_0" / "ff_0_0"
+        else:
+            parts.append(part)
+    return tuple(parts)
+
+
+def _torch_weight_norm_weight(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The weight a weight-normed torch Conv1d computes at run time from (original0, original1)."""
+    out_channels, in_channels, kernel = v.shape
+    conv = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(in_channels, out_channels, kernel))
+    with torch.no_grad():
+        conv.parametrizations.weight.original0.copy_(torch.from_numpy(g))
+        conv.parametrizations.weight.original1.copy_(torch.from_numpy(v))
+        return conv.weight.numpy().copy()
+
+
+def expected_params(stage: str, sd: dict[str, np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:
+    """Hand-written expected JAX params for a stage's torch state_dict, independent of convert/'s tables.
+
+    Layouts: Linear weight W [out, in] -> kernel[i, o] = W[o, i]; Conv1d weight W [out, in, k] ->
+    kernel[k, i, o] = W[o, i, k]; a weight-normed conv -> the kernel of the weight torch's
+    parametrization computes at run time, bit for bit; the f0 predictor's weight-normed convs keep
+    g [out] and v in kernel layout; embeddings, norms, biases and Snake alphas unchanged.
+    """
+    expected: dict[tuple[str, ...], np.ndarray] = {}
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in sd.items():
+        if key in NOT_PARAMS:
+            continue
+        for suffix, name in ((".parametrizations.weight.original0", "g"), (".parametrizations.weight.original1", "v"),
+                             (".weight_g", "g"), (".weight_v", "v")):
+            if key.endswith(suffix):
+                factors.setdefault(key[:-len(suffix)], {})[name] = value
+                break
+        else:
+            module, leaf = key.rsplit(".", 1)
+            path = _jax_module_path(module)
+            if leaf == "weight" and path[-1] in EMBEDDINGS:
+                expected[path + ("embedding",)] = value
+            elif leaf == "weight" and value.ndim == 2:
+                expected[path + ("kernel",)] = np.einsum("oi->io", value)
+            elif leaf == "weight" and value.ndim == 3:
+                expected[path + ("kernel",)] = np.einsum("oik->kio", value)
+            else:
+                assert leaf in ("weight", "bias", "alpha") and value.ndim == 1, (stage, key, value.shape)
+                expected[path + (leaf,)] = value
+    for module, gv in factors.items():
+        path = _jax_module_path(module)
+        if path[0] == "f0_predictor":
+            expected[path + ("weight_g",)] = gv["g"][:, 0, 0]
+            expected[path + ("weight_v",)] = np.einsum("oik->kio", gv["v"])
+        else:
+            expected[path + ("kernel",)] = np.einsum("oik->kio", _torch_weight_norm_weight(gv["g"], gv["v"]))
+    return expected
+
+
 def test_round_trip_every_array_equals_its_source(converted_tiny):
-    """Every converted param equals its torch source exactly (float32), per the stage tables."""
-    from cosyjax.convert import flow, hift, llm
+    """Every converted param equals its torch source in the hand-written layout of expected_params,
+    exactly (float32), and every param is accounted for by exactly one torch key (or g/v pair)."""
     from cosyjax.convert.common import flatten_params
 
     model = load_converted(converted_tiny)
     assert model.dtype == "float32"
-    for stage, module in (("llm", llm), ("flow", flow), ("hift", hift)):
-        sd = _torch_arrays(stage)
-        sd = {k.replace("generator.", ""): v for k, v in sd.items()}
-        flat = flatten_params(model.params[stage])
-        table = module.param_table(getattr(model.config, stage))
-        assert len(table) == len(flat), stage
-        for entry in table:
-            keys = next(alt for alt in (entry.keys,) + entry.alternatives if all(k in sd for k in alt))
-            want = entry.transform(*(sd[k] for k in keys))
-            got = flat[entry.path]
-            assert got.dtype == np.float32
-            np.testing.assert_array_equal(got, want, err_msg=f"{stage}: {entry.path}")
-            if entry.transform.__name__ in ("identity", "linear_t", "conv1d_t"):  # bijective layouts
-                assert np.array_equal(np.sort(got.ravel()), np.sort(sd[keys[0]].ravel()))
+    for stage in ("llm", "flow", "hift"):
+        sd = {k.replace("generator.", ""): v for k, v in _torch_arrays(stage).items()}
+        want = expected_params(stage, sd)
+        got = {path: np.asarray(v) for path, v in flatten_params(model.params[stage]).items()}
+        assert sorted(got) == sorted(want), (stage, sorted(set(got) ^ set(want))[:8])
+        for path, value in want.items():
+            assert got[path].dtype == np.float32
+            np.testing.assert_array_equal(got[path], value, err_msg=f"{stage}: {'/'.join(path)}")
+
+
+def test_expected_layouts_are_what_the_layers_compute(converted_tiny):
+    """The layouts above, applied by our Flax layers, compute what the torch layers compute: a Linear
+    (an LLM q_proj), a Conv1d (the flow's look-ahead conv) and a weight-normed Conv1d (HiFT conv_pre),
+    on the same input, within float32 dot-product error: each side's n-term sums (n = fan-in) are
+    off by at most gamma(n + 1) (|W| |x| + |b|), gamma(n) = n u / (1 - n u), u = 2^-24."""
+    import flax.linen as nn
+    import jax
+
+    from cosyjax.nn.conv import Conv1d
+
+    model = load_converted(converted_tiny)
+    rng = np.random.default_rng(0)
+
+    def gamma(n):
+        return n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
+
+    def check(name, ours, theirs, bound):
+        err = np.abs(np.asarray(ours, np.float64) - theirs)
+        assert np.all(err <= bound), (name, float(err.max()), float(bound[np.unravel_index(np.argmax(err / bound),
+                                                                                            err.shape)]))
+
+    llm_sd, flow_sd, hift_sd = (_torch_arrays(s) for s in ("llm", "flow", "hift"))
+    # Linear
+    w, b = (llm_sd[f"llm.model.model.layers.0.self_attn.q_proj.{p}"] for p in ("weight", "bias"))
+    x = rng.standard_normal((3, w.shape[1])).astype(np.float32)
+    params = model.params["llm"]["llm"]["layers_0"]["self_attn"]["q_proj"]
+    ours = nn.Dense(w.shape[0], precision=jax.lax.Precision.HIGHEST).apply({"params": params}, x)
+    theirs = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)).numpy()
+    check("linear", ours, theirs, 2 * gamma(w.shape[1] + 1) * (np.abs(x) @ np.abs(w).T + np.abs(b)))
+    # Conv1d and weight-normed Conv1d, channels-last ours vs channels-first torch
+    for name, stage_params, weight in (
+            ("conv", model.params["flow"]["pre_lookahead_layer"]["conv1"],
+             flow_sd["pre_lookahead_layer.conv1.weight"]),
+            ("weight-normed conv", model.params["hift"]["conv_pre"],
+             _torch_weight_norm_weight(hift_sd["conv_pre.parametrizations.weight.original0"],
+                                       hift_sd["conv_pre.parametrizations.weight.original1"]))):
+        bias = np.asarray(stage_params["bias"])
+        out_ch, in_ch, k = weight.shape
+        x = rng.standard_normal((2, 11, in_ch)).astype(np.float32)  # [B, T, C]
+        ours = Conv1d(out_ch, k).apply({"params": stage_params}, x)  # [B, T - k + 1, C_out]
+        theirs = torch.nn.functional.conv1d(torch.from_numpy(x.transpose(0, 2, 1)), torch.from_numpy(weight),
+                                            torch.from_numpy(bias)).numpy().transpose(0, 2, 1)
+        windows = np.stack([np.abs(x[:, t:t + k]) for t in range(x.shape[1] - k + 1)], axis=1)  # [B, T', k, C]
+        magnitude = np.einsum("btkc,ock->bto", windows, np.abs(weight)) + np.abs(bias)
+        check(name, ours, theirs, 2 * gamma(in_ch * k + 1) * magnitude)
 
 
 def test_flow_noise_is_upstreams_seeded_buffer(converted_tiny):

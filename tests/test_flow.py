@@ -111,19 +111,72 @@ def test_t_schedule_matches_torch():
     np.testing.assert_array_equal(dts, np.asarray(want_dt, np.float32))
 
 
+F32_EPS = 2.0 ** -24  # float32 unit roundoff
+
+
+def _float64_inv_freq(dim: int) -> np.ndarray:
+    """1 / 10000^(e) in float64, e = float32(i) / float32(dim) as upstream forms it, per element
+    with Python's scalar ``**`` (not numpy's vector pow)."""
+    exponents = [float(np.float32(i) / np.float32(dim)) for i in range(0, dim, 2)]
+    return np.array([1.0 / 10000.0 ** e for e in exponents])
+
+
+@pytest.mark.parametrize("dim", [8, 16, 32, 48, 64, 128])
+def test_rotary_inv_freq_ours_and_torch_within_float32_error_of_the_formula(dim):
+    """Ours (numpy float32) and x-transformers' (torch float32) against the float64 formula.
+
+    Their bits depend on the machine's float32 ``pow`` (they differ by an ulp on Intel Sapphire
+    Rapids, agree on AMD EPYC), so neither is compared bit for bit.  Error model for a value v
+    computed as ``1 / base ** e`` in float32: ``pow`` within 1 ulp (relative 2^-23), the division
+    rounded (2^-24), so |v / exact - 1| <= 3 * 2^-24 (the 1e-6 factor covers second-order terms).
+    The effect of such a difference on the rotation is bounded in the next test, and on the DiT
+    covered by the flow parity cases.
+    """
+    from x_transformers.x_transformers import RotaryEmbedding
+
+    exact = _float64_inv_freq(dim)
+    ours = rotary_inv_freq(dim)
+    assert ours.dtype == np.float32 and ours.shape == exact.shape
+    for label, value in (("ours", ours), ("x-transformers", RotaryEmbedding(dim).inv_freq.numpy())):
+        rel = np.abs(value.astype(np.float64) / exact - 1)
+        assert rel.max() <= 3 * F32_EPS * (1 + 1e-6), (label, int(np.argmax(rel)), rel.max() / F32_EPS)
+
+
 @pytest.mark.parametrize("dim", [8, 16, 32, 64, 128])
 def test_rotary_matches_x_transformers(dim):
+    """apply_interleaved_rotary == x-transformers' apply_rotary_pos_emb within float32 error.
+
+    Per element, out = a cos(th) + b sin(th) with (a, b) = (x_2j, -x_2j+1) or (x_2j+1, x_2j).  Each
+    side's float32 sin/cos are within 2 ulps of values in [-1, 1] (XLA's and SLEEF's documented
+    accuracy: 2^-23 absolute) and its two products and sum round (3 * 2^-24 relative to |a|+|b|),
+    so with the same angles the two differ by at most (|a| + |b|) * (2 * 2^-23 + 6 * 2^-24).  With
+    x-transformers' own inv_freq the angles also differ: by pos * |inv_freq difference| plus the
+    rounding of both products (2^-24 |th| each), times |a| + |b|.
+    """
     from x_transformers.x_transformers import RotaryEmbedding, apply_rotary_pos_emb
 
-    rotary = RotaryEmbedding(dim)
-    np.testing.assert_array_equal(rotary_inv_freq(dim), rotary.inv_freq.numpy())
     heads, frames = 3, 40
     q = torch.randn(2, frames, heads * dim, generator=torch.Generator().manual_seed(dim))
-    freqs, scale = rotary.forward_from_seq_len(frames)
-    want = apply_rotary_pos_emb(q, freqs, scale).numpy()
     ours = np.asarray(apply_interleaved_rotary(q.numpy(), np.arange(frames), dim))
-    np.testing.assert_allclose(ours, want, atol=2e-6, rtol=0)
     np.testing.assert_array_equal(ours[..., dim:], q.numpy()[..., dim:])  # heads 1.. untouched
+
+    x = q.numpy()[..., :dim].astype(np.float64)
+    pairs = x.reshape(x.shape[:-1] + (dim // 2, 2))
+    scale = (np.abs(pairs[..., 0]) + np.abs(pairs[..., 1]))[..., None].repeat(2, -1).reshape(x.shape)  # |a|+|b|
+    same_angles = scale * (2 * 2.0 ** -23 + 6 * F32_EPS)
+    rotary = RotaryEmbedding(dim)
+    for inv_freq, label in ((rotary_inv_freq(dim), "our inv_freq"), (rotary.inv_freq.numpy(), "torch's inv_freq")):
+        rotary.inv_freq.copy_(torch.from_numpy(inv_freq))
+        freqs, _ = rotary.forward_from_seq_len(frames)
+        want = apply_rotary_pos_emb(q, freqs, 1.0).numpy()[..., :dim]
+        pos = np.arange(frames, dtype=np.float64)[:, None]
+        theta = np.repeat(pos * rotary_inv_freq(dim).astype(np.float64), 2, axis=-1)  # [T, dim]
+        differs = np.repeat(inv_freq != rotary_inv_freq(dim), 2)  # same inv_freq: the same float32 angles
+        angle_gap = np.repeat(pos * np.abs(inv_freq.astype(np.float64) - rotary_inv_freq(dim)), 2, axis=-1)
+        bound = same_angles + scale * (angle_gap + 2 * F32_EPS * theta * differs)
+        err = np.abs(ours[..., :dim].astype(np.float64) - want)
+        worst = np.unravel_index(int(np.argmax(err / bound)), err.shape)
+        assert np.all(err <= bound), (label, worst, err[worst], bound[worst])
 
 
 def test_attention_mask_semantics():

@@ -262,3 +262,27 @@ def test_bad_inputs_raise_before_device(no_device):
         hift_stream_init(cfg, 1, "seed")
     with pytest.raises(ValueError, match="batch"):
         hift_stream_init(cfg, 0)
+
+
+# ---------------------------------------------------------------- CosyVoice3Model(hift_carry=...)
+def test_model_hift_carry_equals_rerun():
+    """The model's carried vocoder (default) against upstream's re-run at every hop: the same chunk
+    lengths, and each chunk within the HiFT audio tolerance (buffer-size-dependent float32 rounding;
+    see cosyjax/hift/stream.py)."""
+    from test_model import TTS_CASES, _codes, _load, _prompt
+
+    from cosyjax.model import CosyVoice3Model
+
+    if not TTS_CASES:
+        pytest.skip("no committed case with the tts groups")
+    case, converted = _load(TTS_CASES[0])
+    forced = _codes(converted, 24, 3)  # the tokens of test_model's stream tests: their compiles
+    chunks = {}
+    for carry in (True, False):
+        m = CosyVoice3Model(converted, upstream_hop_quirk=False, hift_carry=carry)
+        chunks[carry] = [c["tts_speech"] for c in m.tts(forced_tokens=forced, stream=True, **_prompt(case))]
+    assert len(chunks[True]) >= 2
+    assert [c.shape for c in chunks[True]] == [c.shape for c in chunks[False]]
+    for i, (carried, rerun) in enumerate(zip(chunks[True], chunks[False])):
+        assert np.abs(rerun).max() > 1e-2  # audible chunks, not silence
+        np.testing.assert_allclose(carried, rerun, atol=ATOL, rtol=0, err_msg=f"chunk {i}")

@@ -33,7 +33,9 @@ def rotary_inv_freq(rot_dim: int, base: float = 10000.0) -> np.ndarray:
     """x-transformers ``RotaryEmbedding(dim).inv_freq`` [rot_dim/2], float32.
 
     Upstream: ``1. / (base ** (arange(0, dim, 2).float() / dim))`` evaluated by torch in float32;
-    numpy's float32 ``power`` gives the same bits (checked against torch in tests/test_flow.py).
+    we evaluate it with numpy's float32 ``power``.  Both are within float32 ``pow`` + division error
+    of the exact value, and their bits can differ by an ulp, depending on the machine's ``pow``
+    (tests/test_flow.py checks both against the float64 formula).
     """
     exponent = np.arange(0, rot_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rot_dim)
     return (np.float32(1.0) / np.power(np.float32(base), exponent, dtype=np.float32)).astype(np.float32)
