@@ -299,3 +299,28 @@ def convert_campplus(path: str) -> tuple[CAMPPlusConfig, dict]:
     cfg = campplus_config(sd, source=path)
     params = apply_table(sd, campplus_table(cfg), campplus_model.init_shapes(cfg), source=path)
     return cfg, params
+
+
+def convert_frontend_to_dir(model_dir: str, out_dir: str, *, n_head: int = RELEASE_N_HEAD,
+                            overwrite: bool = False, source: Mapping[str, Any] | None = None) -> str:
+    """Convert a release's ``speech_tokenizer_v3.onnx`` and ``campplus.onnx`` to an orbax directory.
+
+    Args:
+      model_dir: directory holding the two ONNX files.
+      out_dir: output (written atomically; ``cosyjax.frontend.jax_models.load_frontend`` reads it).
+      n_head: the tokenizer's attention heads (20 in the release; not visible in the weights).
+      overwrite: replace an existing ``out_dir``.
+      source: extra provenance to record (e.g. a fingerprint of the files).
+    Returns:
+      ``out_dir`` (absolute).
+    Raises:
+      ConversionError naming the offending file; nothing is written then.
+    """
+    from cosyjax.frontend.jax_models import save_frontend
+
+    tok_path = os.path.join(model_dir, SPEECH_TOKENIZER)
+    cam_path = os.path.join(model_dir, SPEAKER_ENCODER)
+    tokenizer = convert_speech_tokenizer(tok_path, n_head=n_head)
+    speaker_encoder = convert_campplus(cam_path)
+    return save_frontend(out_dir, tokenizer, speaker_encoder, overwrite=overwrite,
+                         source={"files": [SPEECH_TOKENIZER, SPEAKER_ENCODER], "n_head": n_head, **(source or {})})

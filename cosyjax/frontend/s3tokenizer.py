@@ -187,11 +187,12 @@ class S3TokenizerV3(nn.Module):
     cfg: S3TokenizerConfig
 
     @nn.compact
-    def __call__(self, feats: jax.Array, frame_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """feats [B, T, M] float32, frame_lengths [B] int -> (tokens [B, S] int32, fsq [B, S, 8]).
+    def __call__(self, feats: jax.Array, frame_lengths: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """feats [B, T, M] float32, frame_lengths [B] int -> (tokens [B, S] int32, z [B, S, 8], z_scale [B, S, 8]).
 
-        ``fsq`` is ``0.999 * tanh(project_in(h))`` before rounding. Positions past
-        ``token_lengths(frame_lengths)`` are padding.
+        ``z = project_in(h)`` is the FSQ input before tanh and rounding, and ``z_scale`` is
+        ``|h| @ |W| + |b|``, the size of the terms summed into it (the float32 error model of a tie,
+        ``cosyjax.parity.stages.frontend``). Positions past ``token_lengths(frame_lengths)`` are padding.
         """
         cfg = self.cfg
         t = feats.shape[1]
@@ -208,10 +209,13 @@ class S3TokenizerV3(nn.Module):
         for i in range(cfg.n_layer):
             x = ResidualBlock(cfg.n_state, cfg.n_head, cfg.fsmn_kernel, cfg.ln_eps, name=f"blocks_{i}")(
                 x, valid, cos, sin)
-        fsq = FSQ_SCALE * jnp.tanh(_dense(cfg.fsq_dim, "project_in")(x).astype(jnp.float32))  # [B, S, 8]
-        digits = (jnp.round(fsq) + 1).astype(jnp.int32)
+        project = _dense(cfg.fsq_dim, "project_in")
+        z = project(x).astype(jnp.float32)  # [B, S, 8]
+        digits = (jnp.round(FSQ_SCALE * jnp.tanh(z)) + 1).astype(jnp.int32)
         powers = jnp.asarray([cfg.fsq_levels ** i for i in range(cfg.fsq_dim)], jnp.int32)
-        return jnp.sum(digits * powers, axis=-1), fsq
+        w = project.variables["params"]
+        z_scale = jnp.dot(jnp.abs(x), jnp.abs(w["kernel"]), precision=HIGHEST) + jnp.abs(w["bias"])
+        return jnp.sum(digits * powers, axis=-1), z, z_scale
 
 
 def init_shapes(cfg: S3TokenizerConfig) -> Any:
@@ -222,9 +226,10 @@ def init_shapes(cfg: S3TokenizerConfig) -> Any:
     return jax.eval_shape(model.init, jax.random.key(0), feats, lengths)["params"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _apply(params, feats, frame_lengths, *, cfg: S3TokenizerConfig):
-    return S3TokenizerV3(cfg).apply({"params": params}, feats, frame_lengths)
+@functools.partial(jax.jit, static_argnames=("cfg", "diagnostics"))
+def _apply(params, feats, frame_lengths, *, cfg: S3TokenizerConfig, diagnostics: bool):
+    tokens, z, z_scale = S3TokenizerV3(cfg).apply({"params": params}, feats, frame_lengths)
+    return (tokens, z, z_scale) if diagnostics else (tokens,)  # XLA drops the unused |h| @ |W|
 
 
 def _bucket(n: int, multiple: int) -> int:
@@ -232,7 +237,7 @@ def _bucket(n: int, multiple: int) -> int:
 
 
 def tokenize_batch(params: Any, feats: Sequence[np.ndarray], *, cfg: S3TokenizerConfig,
-                   bucket_frames: int = 400, return_fsq: bool = False):
+                   bucket_frames: int = 400, diagnostics: bool = False):
     """Tokens of several utterances in one padded, jitted call.
 
     Args:
@@ -240,9 +245,10 @@ def tokenize_batch(params: Any, feats: Sequence[np.ndarray], *, cfg: S3Tokenizer
       feats: list of [M, T_i] float32 whisper log-mels (``whisper_log_mel`` layout).
       cfg: the tokenizer config.
       bucket_frames: the frame axis is padded to a multiple of this (one compile per bucket).
-      return_fsq: also return each utterance's pre-rounding FSQ values [S_i, 8].
+      diagnostics: also return each utterance's FSQ input ``z`` [S_i, 8] and its term size
+        ``z_scale`` [S_i, 8] (see ``S3TokenizerV3``).
     Returns:
-      list of [S_i] int64 tokens (``S_i = ceil(T_i / 4)``), and the FSQ values if asked.
+      list of [S_i] int64 tokens (``S_i = ceil(T_i / 4)``); with ``diagnostics``, (tokens, z, z_scale).
     Raises:
       ValueError: a feature array of the wrong shape, or longer than the rotary table allows.
     """
@@ -253,7 +259,7 @@ def tokenize_batch(params: Any, feats: Sequence[np.ndarray], *, cfg: S3Tokenizer
             raise ValueError(f"speech tokenizer: features {i} must be [{cfg.n_mels}, T>0], got shape {f.shape}")
         arrays.append(f)
     if not arrays:
-        return ([], []) if return_fsq else []
+        return ([], [], []) if diagnostics else []
     lengths = np.array([f.shape[1] for f in arrays], np.int32)
     t = _bucket(int(lengths.max()), bucket_frames)
     if int(token_lengths(np.int64(t))) > cfg.max_positions:
@@ -265,9 +271,9 @@ def tokenize_batch(params: Any, feats: Sequence[np.ndarray], *, cfg: S3Tokenizer
         batch[i, : f.shape[1]] = f.T
     padded_lengths = np.ones((b,), np.int32)  # dummy rows: one frame, discarded
     padded_lengths[: len(arrays)] = lengths
-    tokens, fsq = jax.device_get(_apply(params, jnp.asarray(batch), jnp.asarray(padded_lengths), cfg=cfg))
+    outputs = jax.device_get(_apply(params, jnp.asarray(batch), jnp.asarray(padded_lengths), cfg=cfg,
+                                    diagnostics=diagnostics))
     n = token_lengths(lengths)
-    out = [np.asarray(tokens[i, : n[i]], np.int64) for i in range(len(arrays))]
-    if return_fsq:
-        return out, [np.asarray(fsq[i, : n[i]], np.float32) for i in range(len(arrays))]
-    return out
+    per_utt = [[np.asarray(o[i, : n[i]]) for i in range(len(arrays))] for o in outputs]
+    tokens = [t.astype(np.int64) for t in per_utt[0]]
+    return (tokens, per_utt[1], per_utt[2]) if diagnostics else tokens
