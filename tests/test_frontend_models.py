@@ -39,7 +39,7 @@ def report(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     from cosyjax.parity.check import run_check
 
-    return run_check(CASE, str(tmp_path_factory.mktemp("frontend") / "report"), progress=False, plots=False)
+    return run_check(CASE, str(tmp_path_factory.mktemp("frontend") / "report"), progress=False)
 
 
 def _comparison(report, key):
@@ -51,15 +51,17 @@ def test_parity_check_passes_both_groups(report):
     assert {g["group"] for g in report["groups"]} == {"frontend_tokenizer", "frontend_campplus"}
 
 
-def test_tokenizer_agreement_and_ties(report):
-    c = _comparison(report, "frontend_tokenizer/tokens")
+@pytest.mark.parametrize("key", ["frontend_tokenizer/tokens", "frontend_tokenizer/tokens_onnxruntime_now"])
+def test_tokenizer_agreement_and_ties(report, key):
+    c = _comparison(report, key)
     assert c["passed"] and c["shape"][0] > 3000, c  # enough tokens to resolve 99.9 %
     assert c["max_abs"] <= 1e-3 and "0 not at an FSQ tie" in c["message"], c
 
 
-def test_campplus_embedding_and_cosine(report):
-    emb = _comparison(report, "frontend_campplus/embedding")
-    cos = _comparison(report, "frontend_campplus/cosine")
+@pytest.mark.parametrize("key", ["frontend_campplus/embedding", "frontend_campplus/embedding_onnxruntime_now"])
+def test_campplus_embedding_and_cosine(report, key):
+    emb = _comparison(report, key)
+    cos = _comparison(report, f"{key}_cosine")
     assert emb["passed"] and emb["max_abs"] <= emb["atol"], emb
     assert cos["passed"] and cos["ours_at"] >= 0.9999, cos
 

@@ -31,9 +31,9 @@ mode), so the initializer and node names are the released kind (``onnx::MatMul_N
   [B, T, 80] (its TensorRT profile names it) and output ``output`` [B, E].
   Checked here: onnxruntime's embedding equals the torch model's within float32 rounding.
 
-``golden.npz`` holds what each parity group feeds both models: a numpy seed and the frame counts
-(the features are drawn in ``cosyjax.parity.stages.frontend``); the reference is onnxruntime on the
-ONNX file, run by the parity stage itself. Rerunning gives the same ONNX files byte for byte on the
+``golden.npz`` holds what each parity group feeds both models, a numpy seed and the frame counts (the
+features are drawn by ``cosyjax.parity.stages.frontend``, 1.6 MB of them would not fit here), and
+onnxruntime's outputs on them, each utterance run alone as upstream does. Rerunning gives the same ONNX files byte for byte on the
 same torch version (the seeds are fixed).
 """
 
@@ -262,11 +262,21 @@ def build(out: str, speakerlab_repo: str, seed: int = 0) -> None:
         _export(campplus, (torch.zeros(1, 345, CAMPPLUS["feat_dim"]),), cam_path, CAMPPLUS_OPSET, ["input"],
                 ["output"], {"input": {0: "batch", 1: "frames"}, "output": {0: "batch"}})
         checks = {"speech_tokenizer": check_tokenizer(tok_path, table), "campplus": check_campplus(cam_path, campplus)}
+        from cosyjax.frontend.onnx_models import SpeakerEncoderONNX, SpeechTokenizerONNX
+        from cosyjax.parity.stages.frontend import campplus_inputs, tokenizer_inputs
+
+        tok_feats = tokenizer_inputs(seed + 10, TOKENIZER_FRAMES, TOKENIZER["n_mels"])
+        tokens = [SpeechTokenizerONNX(tok_path).tokens_from_features(f) for f in tok_feats]
+        cam_feats = campplus_inputs(seed + 11, CAMPPLUS_FRAMES, CAMPPLUS["feat_dim"])
+        embeddings = np.stack([SpeakerEncoderONNX(cam_path).embedding_from_features(f) for f in cam_feats])
         golden = {
             "frontend_tokenizer/seed": np.int64(seed + 10),
             "frontend_tokenizer/frame_lengths": np.array(TOKENIZER_FRAMES, np.int64),
+            "frontend_tokenizer/tokens": np.concatenate(tokens).astype(np.int64),
+            "frontend_tokenizer/token_lengths": np.array([len(t) for t in tokens], np.int64),
             "frontend_campplus/seed": np.int64(seed + 11),
             "frontend_campplus/frame_lengths": np.array(CAMPPLUS_FRAMES, np.int64),
+            "frontend_campplus/embedding": embeddings.astype(np.float32),
         }
         np.savez(os.path.join(tmp, "golden.npz"), **golden)
         manifest = {
@@ -274,6 +284,12 @@ def build(out: str, speakerlab_repo: str, seed: int = 0) -> None:
                                         "(cosyjax.parity.stages.frontend.tokenizer_inputs)"},
             "frontend_tokenizer/frame_lengths": {"shape": [len(TOKENIZER_FRAMES)], "dtype": "int64",
                                                  "desc": "100 Hz frames of each utterance fed to model/speech_tokenizer_v3.onnx"},
+            "frontend_tokenizer/tokens": {"shape": list(golden["frontend_tokenizer/tokens"].shape), "dtype": "int64",
+                                          "desc": "onnxruntime's tokens of every utterance (one at a time), concatenated"},
+            "frontend_tokenizer/token_lengths": {"shape": [len(TOKENIZER_FRAMES)], "dtype": "int64",
+                                                 "desc": "tokens per utterance (ceil(frames / 4))"},
+            "frontend_campplus/embedding": {"shape": list(embeddings.shape), "dtype": "float32",
+                                            "desc": "onnxruntime's embedding of every utterance (one at a time)"},
             "frontend_campplus/seed": {"shape": [], "dtype": "int64", "desc": "numpy seed of the features "
                                        "(cosyjax.parity.stages.frontend.campplus_inputs)"},
             "frontend_campplus/frame_lengths": {"shape": [len(CAMPPLUS_FRAMES)], "dtype": "int64",

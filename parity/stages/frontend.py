@@ -4,9 +4,11 @@
 
 Each group converts its ONNX file with ``cosyjax.convert.frontend`` (so the converter is under test
 too), draws the features from the group's ``seed`` and ``frame_lengths`` (:func:`tokenizer_inputs`,
-:func:`campplus_inputs`), runs every utterance through onnxruntime one at a time as upstream does
-(``SpeechTokenizerONNX`` / ``SpeakerEncoderONNX``: full graph optimisation, one thread) and through
-the Flax model in **one padded batch**, and compares.
+:func:`campplus_inputs`), runs them through the Flax model in **one padded batch**, and compares with
+onnxruntime run on every utterance alone as upstream does (``SpeechTokenizerONNX`` /
+``SpeakerEncoderONNX``: full graph optimisation, one thread): its outputs recorded in the case by
+``tools/make_frontend_cases.py`` (``tokens``/``token_lengths``, ``embedding``) and, where onnxruntime
+is installed, run again now (``*_onnxruntime_now``).
 
 Error model (float32, unit roundoff ``u = 2**-24``).  Two float32 evaluations of the same network in
 different summation orders differ, to first order, by a relative ``u * sqrt(K)`` per K-term
@@ -118,7 +120,18 @@ def _model_path(case: Case, name: str) -> str:
     return os.path.join(case.model_dir, name)
 
 
+def _live(session_cls, path: str):
+    """The onnxruntime wrapper of ``path``, or None where onnxruntime is not installed."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    return session_cls(path)
+
+
 def run_tokenizer(case: Case, group: str, model: Any = None) -> GroupResult:
+    """Tokens of the group's utterances (one padded batch) against onnxruntime's, recorded in the case
+    (``tokens``) and, where onnxruntime is installed, run now."""
     from cosyjax.convert.frontend import SPEECH_TOKENIZER, convert_speech_tokenizer
     from cosyjax.frontend.onnx_models import SpeechTokenizerONNX
     from cosyjax.frontend.s3tokenizer import tokenize_batch
@@ -127,16 +140,35 @@ def run_tokenizer(case: Case, group: str, model: Any = None) -> GroupResult:
     path = _model_path(case, SPEECH_TOKENIZER)
     cfg, params = convert_speech_tokenizer(path, n_head=int(case.meta["speech_tokenizer"]["n_head"]))
     feats = tokenizer_inputs(ref_group["seed"], ref_group["frame_lengths"], cfg.n_mels)
-    onnx = SpeechTokenizerONNX(path)
-    ref = [onnx.tokens_from_features(f) for f in feats]
     ours, z, z_scale = tokenize_batch(params, feats, cfg=cfg, diagnostics=True)
-    rel = tokenizer_rel_error(cfg, max(len(r) for r in ref))
-    comparison = compare_tokens(f"{group}/tokens", ours, ref, z, z_scale, rel, levels=cfg.fsq_levels, dim=cfg.fsq_dim)
-    outputs = {f"{group}/tokens": np.concatenate(ours), f"{group}/reference_tokens": np.concatenate(ref)}
-    return GroupResult(outputs=outputs, comparisons=[comparison])
+    recorded = np.split(np.asarray(ref_group["tokens"]), np.cumsum(ref_group["token_lengths"])[:-1])
+    rel = tokenizer_rel_error(cfg, max(len(r) for r in recorded))
+    comparisons = [compare_tokens(f"{group}/tokens", ours, recorded, z, z_scale, rel, levels=cfg.fsq_levels,
+                                  dim=cfg.fsq_dim)]
+    live = _live(SpeechTokenizerONNX, path)
+    if live is not None:
+        comparisons.append(compare_tokens(f"{group}/tokens_onnxruntime_now", ours,
+                                          [live.tokens_from_features(f) for f in feats], z, z_scale, rel,
+                                          levels=cfg.fsq_levels, dim=cfg.fsq_dim))
+    return GroupResult(outputs={f"{group}/tokens": np.concatenate(ours)}, comparisons=comparisons,
+                       plots=[(f"{group} tokens", f"{group}/tokens")])
+
+
+def compare_embeddings(key: str, ours: np.ndarray, ref: np.ndarray, rel: float) -> list[Comparison]:
+    """[N, E] embeddings: max error within ``rel * max |ref|`` and every cosine >= 0.9999."""
+    comparisons = [compare_close(key, ours, ref, rel * float(np.max(np.abs(ref))))]
+    cosine = np.sum(ours * ref, axis=-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
+    worst = int(np.argmin(cosine))
+    comparisons.append(Comparison(
+        f"{key}_cosine", bool(cosine.min() >= MIN_COSINE), atol=1.0 - MIN_COSINE,
+        max_abs=float(1.0 - cosine.min()), index=[worst], ours_at=float(cosine[worst]), ref_at=1.0,
+        shape=[len(cosine)], message=f"min cosine {cosine.min():.9f} over {len(cosine)} utterances"))
+    return comparisons
 
 
 def run_campplus(case: Case, group: str, model: Any = None) -> GroupResult:
+    """Embeddings of the group's utterances (one padded batch) against onnxruntime's, recorded in the
+    case (``embedding``) and, where onnxruntime is installed, run now."""
     from cosyjax.convert.frontend import SPEAKER_ENCODER, convert_campplus
     from cosyjax.frontend.campplus import embed_batch
     from cosyjax.frontend.onnx_models import SpeakerEncoderONNX
@@ -145,20 +177,15 @@ def run_campplus(case: Case, group: str, model: Any = None) -> GroupResult:
     path = _model_path(case, SPEAKER_ENCODER)
     cfg, params = convert_campplus(path)
     feats = campplus_inputs(ref_group["seed"], ref_group["frame_lengths"], cfg.feat_dim)
-    onnx = SpeakerEncoderONNX(path)
-    ref = np.stack([onnx.embedding_from_features(f) for f in feats])
     ours = np.stack(embed_batch(params, feats, cfg=cfg))
     rel = campplus_rel_error(cfg, max(f.shape[0] for f in feats))
-    scale = float(np.max(np.abs(ref)))
-    comparisons = [compare_close(f"{group}/embedding", ours, ref, rel * scale)]
-    cosine = np.sum(ours * ref, axis=-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
-    worst = int(np.argmin(cosine))
-    comparisons.append(Comparison(
-        f"{group}/cosine", bool(cosine.min() >= MIN_COSINE), atol=1.0 - MIN_COSINE,
-        max_abs=float(1.0 - cosine.min()), index=[worst], ours_at=float(cosine[worst]), ref_at=1.0,
-        shape=[len(cosine)], message=f"min cosine {cosine.min():.9f} over {len(cosine)} utterances"))
-    return GroupResult(outputs={f"{group}/embedding": ours, f"{group}/reference_embedding": ref},
-                       comparisons=comparisons)
+    comparisons = compare_embeddings(f"{group}/embedding", ours, np.asarray(ref_group["embedding"]), rel)
+    live = _live(SpeakerEncoderONNX, path)
+    if live is not None:
+        now = np.stack([live.embedding_from_features(f) for f in feats])
+        comparisons += compare_embeddings(f"{group}/embedding_onnxruntime_now", ours, now, rel)
+    return GroupResult(outputs={f"{group}/embedding": ours}, comparisons=comparisons,
+                       plots=[(f"{group} embeddings", f"{group}/embedding")])
 
 
 RUNNERS = {"frontend_tokenizer": run_tokenizer, "frontend_campplus": run_campplus}
