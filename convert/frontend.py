@@ -234,14 +234,16 @@ def campplus_config(sd: Mapping[str, np.ndarray], *, source: str) -> CAMPPlusCon
     init_channels, head_out, _ = sd["xvector.tdnn.linear.weight"].shape
     n_blocks = _count(sd, r"xvector\.block(\d+)\.")
     layers = tuple(_count(sd, rf"xvector\.block{b}\.tdnnd(\d+)\.") for b in range(1, n_blocks + 1))
-    kernels = tuple(int(sd[f"xvector.block{b}.tdnnd1.cam_layer.linear_local.weight"].shape[-1])
-                    for b in range(1, n_blocks + 1) if f"xvector.block{b}.tdnnd1.cam_layer.linear_local.weight" in sd)
     defaults = CAMPPlusConfig()
-    if n_blocks != len(defaults.block_layers) or len(kernels) != n_blocks:
+    if n_blocks != len(defaults.block_layers):
         raise ConversionError(f"{source}: not the released CAM++ architecture: {n_blocks} dense blocks, "
                               f"expected {len(defaults.block_layers)}")
+    local = [f"xvector.block{b}.tdnnd1.cam_layer.linear_local.weight" for b in range(1, n_blocks + 1)]
+    _require(sd, tuple(local), source, "CAM++")
+    kernels = tuple(int(sd[k].shape[-1]) for k in local)
     try:
-        return CAMPPlusConfig(feat_dim=int(head_out) // m * 8, embedding_size=int(sd["xvector.dense.linear.weight"].shape[0]),
+        return CAMPPlusConfig(feat_dim=int(head_out) // m * 8,
+                              embedding_size=int(sd["xvector.dense.linear.weight"].shape[0]),
                               m_channels=m, init_channels=int(init_channels),
                               growth_rate=int(sd[f"{first}.cam_layer.linear_local.weight"].shape[0]),
                               bn_channels=int(sd[f"{first}.linear1.weight"].shape[0]), block_layers=layers,

@@ -33,8 +33,8 @@ mode), so the initializer and node names are the released kind (``onnx::MatMul_N
 
 ``golden.npz`` holds what each parity group feeds both models, a numpy seed and the frame counts (the
 features are drawn by ``cosyjax.parity.stages.frontend``, 1.6 MB of them would not fit here), and
-onnxruntime's outputs on them, each utterance run alone as upstream does. Rerunning gives the same ONNX files byte for byte on the
-same torch version (the seeds are fixed).
+onnxruntime's outputs on them, each utterance run alone as upstream does. Rerunning gives the same
+ONNX files byte for byte on the same torch version (the seeds are fixed).
 """
 
 from __future__ import annotations
@@ -282,10 +282,12 @@ def build(out: str, speakerlab_repo: str, seed: int = 0) -> None:
         manifest = {
             "frontend_tokenizer/seed": {"shape": [], "dtype": "int64", "desc": "numpy seed of the features "
                                         "(cosyjax.parity.stages.frontend.tokenizer_inputs)"},
-            "frontend_tokenizer/frame_lengths": {"shape": [len(TOKENIZER_FRAMES)], "dtype": "int64",
-                                                 "desc": "100 Hz frames of each utterance fed to model/speech_tokenizer_v3.onnx"},
-            "frontend_tokenizer/tokens": {"shape": list(golden["frontend_tokenizer/tokens"].shape), "dtype": "int64",
-                                          "desc": "onnxruntime's tokens of every utterance (one at a time), concatenated"},
+            "frontend_tokenizer/frame_lengths": {
+                "shape": [len(TOKENIZER_FRAMES)], "dtype": "int64",
+                "desc": "100 Hz frames of each utterance fed to model/speech_tokenizer_v3.onnx"},
+            "frontend_tokenizer/tokens": {
+                "shape": list(golden["frontend_tokenizer/tokens"].shape), "dtype": "int64",
+                "desc": "onnxruntime's tokens of every utterance (one at a time), concatenated"},
             "frontend_tokenizer/token_lengths": {"shape": [len(TOKENIZER_FRAMES)], "dtype": "int64",
                                                  "desc": "tokens per utterance (ceil(frames / 4))"},
             "frontend_campplus/embedding": {"shape": list(embeddings.shape), "dtype": "float32",
