@@ -39,6 +39,7 @@ from cosyjax.config import QWEN_DIR, load_model_config
 DEFAULT_HUB_ID = "FunAudioLLM/Fun-CosyVoice3-0.5B-2512"
 SPEECH_TOKENIZER = "speech_tokenizer_v3.onnx"
 SPEAKER_ENCODER = "campplus.onnx"
+FRONTENDS = ("onnx", "jax")  # where the prompt's speech tokenizer and speaker encoder run
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,9 @@ def resolve_model_dir(model_dir_or_hub_id: str, *, cache_dir: str | None = None)
             "it as the model directory (cosyjax tts --model-dir DIR, CosyVoice3.from_pretrained(DIR)).") from None
 
 
-def _source_fingerprint(model_dir: str, llm_file: str) -> dict[str, Any]:
+def _source_fingerprint(model_dir: str, names: tuple[str, ...]) -> dict[str, Any]:
     out = {}
-    for name in ("cosyvoice3.yaml", llm_file, "flow.pt", "hift.pt", os.path.join(QWEN_DIR, "config.json")):
+    for name in names:
         p = os.path.join(model_dir, name)
         if os.path.exists(p):
             st = os.stat(p)
@@ -93,6 +94,41 @@ def _writable(directory: str) -> bool:
         return False
 
 
+def _cache_candidates(model_dir: str, variant: str) -> list[str]:
+    """Where a converted copy of ``model_dir`` lives: next to the release, else under ~/.cache/cosyjax."""
+    key = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.abspath(model_dir).strip("/"))
+    return [os.path.join(model_dir, CONVERTED_SUBDIR, variant),
+            os.path.join(os.path.expanduser("~/.cache/cosyjax"), key, variant)]
+
+
+def ensure_frontend_converted(model_dir: str) -> str:
+    """Path of the converted prompt-frontend models of ``model_dir`` (``<model_dir>/.cosyjax/frontend``),
+    converting ``speech_tokenizer_v3.onnx`` and ``campplus.onnx`` on first use (needs the ``onnx``
+    package then, never onnxruntime); rebuilt when the files' sizes or times change.
+
+    Raises:
+      ConversionError: a file that is not the released architecture (the message names it).
+    """
+    from cosyjax.frontend.jax_models import FrontendCheckpointError, read_frontend_meta
+
+    fingerprint = _source_fingerprint(model_dir, (SPEECH_TOKENIZER, SPEAKER_ENCODER))
+    candidates = _cache_candidates(model_dir, "frontend")
+    for out in candidates:
+        try:
+            if read_frontend_meta(out).get("source", {}).get("fingerprint") == fingerprint:
+                return out
+        except FrontendCheckpointError:
+            continue
+    target = next((c for c in candidates if _writable(os.path.dirname(c))), None)
+    if target is None:
+        raise CheckpointError(f"no writable place for the converted frontend of {model_dir}; convert it with "
+                              "cosyjax.convert.frontend.convert_frontend_to_dir and pass frontend_dir")
+    from cosyjax.convert.frontend import convert_frontend_to_dir
+
+    log.info("converting the frontend ONNX models of %s to %s (first use)", model_dir, target)
+    return convert_frontend_to_dir(model_dir, target, overwrite=True, source={"fingerprint": fingerprint})
+
+
 def ensure_converted(model_dir: str, dtype: str = "float32", *, llm_file: str = "llm.pt",
                      progress: bool = True) -> str:
     """Path of a converted copy of ``model_dir``, converting on first use.
@@ -104,11 +140,10 @@ def ensure_converted(model_dir: str, dtype: str = "float32", *, llm_file: str = 
     from cosyjax.convert import stage_files  # validates llm_file (the converter needs torch only to run)
 
     stage_files(llm_file)
-    fingerprint = _source_fingerprint(model_dir, llm_file)
+    fingerprint = _source_fingerprint(model_dir, ("cosyvoice3.yaml", llm_file, "flow.pt", "hift.pt",
+                                                  os.path.join(QWEN_DIR, "config.json")))
     variant = dtype if llm_file == "llm.pt" else f"{dtype}-{llm_file[:-len('.pt')]}"
-    candidates = [os.path.join(model_dir, CONVERTED_SUBDIR, variant)]
-    key = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.abspath(model_dir).strip("/"))
-    candidates.append(os.path.join(os.path.expanduser("~/.cache/cosyjax"), key, variant))
+    candidates = _cache_candidates(model_dir, variant)
     for out in candidates:
         cfg = os.path.join(out, "config.json")
         if os.path.isfile(cfg):
@@ -145,17 +180,23 @@ class CosyVoice3:
       llm_file: the LLM checkpoint converted on first use: "llm.pt" (upstream's choice) or the
         release's RL-tuned "llm.rl.pt" (ignored with ``converted_dir``, which holds what it was made from).
       backend: JAX platform to run on ("cpu", "gpu", "tpu"); default: JAX's default.
-      onnx_providers: onnxruntime providers for the prompt feature models.
+      frontend: where the prompt's speech tokenizer and speaker encoder run: "onnx" (onnxruntime, as
+        upstream; the default) or "jax" (the Flax ports, converted from the release's ONNX files on
+        first use; no onnxruntime is imported).
+      frontend_dir: an existing converted frontend (``convert_frontend_to_dir``) for ``frontend="jax"``.
+      onnx_providers: onnxruntime providers for the prompt feature models (``frontend="onnx"``).
       model_options: passed to ``CosyVoice3Model`` (sampler, upstream quirk switches, ...).
     """
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", converted_dir: str | None = None,
-                 llm_file: str = "llm.pt", backend: str | None = None,
-                 onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",), progress: bool = True,
-                 **model_options: Any):
-        from cosyjax.frontend import (CosyVoice3Tokenizer, SpeakerEncoderONNX, SpeechTokenizerONNX,
-                                      TextNormalizer)
+                 llm_file: str = "llm.pt", backend: str | None = None, frontend: str = "onnx",
+                 frontend_dir: str | None = None, onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 progress: bool = True, **model_options: Any):
+        from cosyjax.frontend import CosyVoice3Tokenizer, TextNormalizer
         from cosyjax.model import CosyVoice3Model
+
+        if frontend not in FRONTENDS:
+            raise ValueError(f"frontend={frontend!r}: expected one of {', '.join(FRONTENDS)}")
 
         self.model_dir = model_dir
         self.config = load_model_config(model_dir)
@@ -167,8 +208,18 @@ class CosyVoice3:
         for name in (SPEECH_TOKENIZER, SPEAKER_ENCODER):
             if not os.path.isfile(os.path.join(model_dir, name)):
                 raise FileNotFoundError(f"{os.path.join(model_dir, name)}: missing (a release directory holds it)")
-        self.speech_tokenizer = SpeechTokenizerONNX(os.path.join(model_dir, SPEECH_TOKENIZER), providers=onnx_providers)
-        self.speaker_encoder = SpeakerEncoderONNX(os.path.join(model_dir, SPEAKER_ENCODER), providers=onnx_providers)
+        if frontend == "jax":
+            from cosyjax.frontend.jax_models import load_frontend
+
+            self.speech_tokenizer, self.speaker_encoder = load_frontend(
+                frontend_dir or ensure_frontend_converted(model_dir), device=self.device)
+        else:
+            from cosyjax.frontend import SpeakerEncoderONNX, SpeechTokenizerONNX
+
+            self.speech_tokenizer = SpeechTokenizerONNX(os.path.join(model_dir, SPEECH_TOKENIZER),
+                                                        providers=onnx_providers)
+            self.speaker_encoder = SpeakerEncoderONNX(os.path.join(model_dir, SPEAKER_ENCODER),
+                                                      providers=onnx_providers)
         converted = load_converted(converted_dir or ensure_converted(model_dir, dtype, llm_file=llm_file,
                                                                      progress=progress))
         with jax.default_device(self.device):

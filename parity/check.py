@@ -23,7 +23,7 @@ import numpy as np
 
 from cosyjax.atomic import publish_dir
 from cosyjax.parity.case import Case, load_case
-from cosyjax.parity.stages import STAGES, GroupResult, runners, stage_of
+from cosyjax.parity.stages import STAGES, GroupResult, release_free_groups, runners, stage_of
 
 PASS, FAIL, NOT_IMPLEMENTED, ERROR = "pass", "fail", "not-implemented", "error"
 
@@ -103,9 +103,11 @@ def run_check(case_dir: str, out_dir: str, *, stages: Iterable[str] | None = Non
     available = runners()
     scratch = tempfile.mkdtemp(prefix="cosyjax-check-")
     try:
-        converted_dir = convert_to_dir(case.model_dir, os.path.join(scratch, "converted"), dtype=dtype,
-                                       progress=progress)
-        model = load_converted(converted_dir)
+        model = None
+        if set(selected) - release_free_groups():
+            converted_dir = convert_to_dir(case.model_dir, os.path.join(scratch, "converted"), dtype=dtype,
+                                           progress=progress)
+            model = load_converted(converted_dir)
         group_entries, outputs, plot_specs = [], {}, []
         for group in selected:
             start = time.perf_counter()

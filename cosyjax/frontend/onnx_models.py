@@ -57,7 +57,55 @@ def _session(path: str | os.PathLike, providers: Sequence[str], num_inputs: int,
     return session
 
 
-class SpeechTokenizerONNX:
+class SpeechTokenizerBase:
+    """16 kHz waveform -> speech tokens; a backend implements ``tokens_from_features`` ([128, T] -> [N])."""
+
+    def tokens_from_features(self, feats: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, wav16k: np.ndarray) -> np.ndarray:
+        """Speech tokens of a prompt.
+
+        Args:
+          wav16k: [S] float32 mono waveform at 16 kHz, at most 30 s.
+        Returns:
+          [N] int64 speech tokens.
+        Raises:
+          ValueError: the waveform is not 1-D, too short for one frame, or longer than 30 s.
+        """
+        wav16k = np.asarray(wav16k)
+        if wav16k.ndim != 1:
+            raise ValueError(f"speech tokenizer: expected a mono waveform [S], got shape {wav16k.shape}")
+        seconds = wav16k.shape[0] / WHISPER_SAMPLE_RATE
+        if seconds > MAX_TOKENIZER_SECONDS:
+            raise ValueError(f"speech tokenizer: {seconds:.2f} s of audio is longer than the "
+                             f"{MAX_TOKENIZER_SECONDS:g} s the model supports")
+        if wav16k.shape[0] < WHISPER_HOP:
+            raise ValueError(f"speech tokenizer: {wav16k.shape[0]} samples give no 10 ms frame")
+        return self.tokens_from_features(whisper_log_mel(wav16k))
+
+
+class SpeakerEncoderBase:
+    """16 kHz waveform -> speaker embedding; a backend implements ``embedding_from_features`` ([T, 80] -> [D])."""
+
+    def embedding_from_features(self, feats: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, wav16k: np.ndarray) -> np.ndarray:
+        """Speaker embedding of a prompt.
+
+        Args:
+          wav16k: [S] float32 mono waveform at 16 kHz (at least 25 ms).
+        Returns:
+          [D] float32 embedding.
+        """
+        wav16k = np.asarray(wav16k)
+        if wav16k.ndim != 1:
+            raise ValueError(f"speaker encoder: expected a mono waveform [S], got shape {wav16k.shape}")
+        return self.embedding_from_features(spk_fbank(wav16k))
+
+
+class SpeechTokenizerONNX(SpeechTokenizerBase):
     """16 kHz waveform -> 25 Hz speech tokens with ``speech_tokenizer_v3.onnx``.
 
     Args:
@@ -89,29 +137,8 @@ class SpeechTokenizerONNX:
         })[0]
         return np.asarray(out).reshape(-1).astype(np.int64)
 
-    def __call__(self, wav16k: np.ndarray) -> np.ndarray:
-        """Speech tokens of a prompt.
 
-        Args:
-          wav16k: [S] float32 mono waveform at 16 kHz, at most 30 s.
-        Returns:
-          [N] int64 speech tokens.
-        Raises:
-          ValueError: the waveform is not 1-D, too short for one frame, or longer than 30 s.
-        """
-        wav16k = np.asarray(wav16k)
-        if wav16k.ndim != 1:
-            raise ValueError(f"speech tokenizer: expected a mono waveform [S], got shape {wav16k.shape}")
-        seconds = wav16k.shape[0] / WHISPER_SAMPLE_RATE
-        if seconds > MAX_TOKENIZER_SECONDS:
-            raise ValueError(f"speech tokenizer: {seconds:.2f} s of audio is longer than the "
-                             f"{MAX_TOKENIZER_SECONDS:g} s the model supports")
-        if wav16k.shape[0] < WHISPER_HOP:
-            raise ValueError(f"speech tokenizer: {wav16k.shape[0]} samples give no 10 ms frame")
-        return self.tokens_from_features(whisper_log_mel(wav16k))
-
-
-class SpeakerEncoderONNX:
+class SpeakerEncoderONNX(SpeakerEncoderBase):
     """16 kHz waveform -> speaker embedding with ``campplus.onnx``.
 
     Args:
@@ -139,16 +166,3 @@ class SpeakerEncoderONNX:
             raise ValueError(f"speaker encoder: expected features [T>0, n_bins], got shape {feats.shape}")
         out = self._session.run(None, {self._feats_name: feats[None]})[0]
         return np.asarray(out, np.float32).reshape(-1)
-
-    def __call__(self, wav16k: np.ndarray) -> np.ndarray:
-        """Speaker embedding of a prompt.
-
-        Args:
-          wav16k: [S] float32 mono waveform at 16 kHz (at least 25 ms).
-        Returns:
-          [D] float32 embedding.
-        """
-        wav16k = np.asarray(wav16k)
-        if wav16k.ndim != 1:
-            raise ValueError(f"speaker encoder: expected a mono waveform [S], got shape {wav16k.shape}")
-        return self.embedding_from_features(spk_fbank(wav16k))

@@ -31,7 +31,7 @@ import soundfile
 from cosyjax.config import MelConfig
 from cosyjax.frontend.audio import AudioSource, load_audio
 from cosyjax.frontend.features import prompt_mel
-from cosyjax.frontend.onnx_models import SpeakerEncoderONNX, SpeechTokenizerONNX
+from cosyjax.frontend.onnx_models import SpeakerEncoderBase, SpeechTokenizerBase
 
 TOKENIZER_SAMPLE_RATE = 16000
 CACHE_FORMAT = 1
@@ -165,15 +165,15 @@ def _reusable(source: AudioSource | tuple[np.ndarray, int]) -> AudioSource:
     return source
 
 
-def extract_prompt(wav: AudioSource | tuple[np.ndarray, int], *, speech_tokenizer: SpeechTokenizerONNX,
-                   speaker_encoder: SpeakerEncoderONNX, mel_cfg: MelConfig, token_mel_ratio: int,
+def extract_prompt(wav: AudioSource | tuple[np.ndarray, int], *, speech_tokenizer: SpeechTokenizerBase,
+                   speaker_encoder: SpeakerEncoderBase, mel_cfg: MelConfig, token_mel_ratio: int,
                    align: bool = True) -> PromptFeatures:
     """Prompt features of one recording, as upstream's ``frontend_zero_shot`` (or ``frontend_vc``).
 
     Args:
       wav: a path, encoded file bytes, a binary file object, or ``(waveform [S], sample_rate)``.
-      speech_tokenizer: the loaded ``speech_tokenizer_v3.onnx``.
-      speaker_encoder: the loaded ``campplus.onnx``.
+      speech_tokenizer: the speech tokenizer (``SpeechTokenizerONNX`` or ``SpeechTokenizerJAX``).
+      speaker_encoder: the speaker encoder (``SpeakerEncoderONNX`` or ``SpeakerEncoderJAX``).
       mel_cfg: the release's feat_extractor config (``ModelConfig.mel``); its sampling rate is the
         second load rate.
       token_mel_ratio: ``FlowConfig.token_mel_ratio``.

@@ -17,7 +17,7 @@ from cosyjax.checkpoint import ConvertedModel
 from cosyjax.parity.case import Case
 from cosyjax.parity.compare import Comparison
 
-STAGES = ("llm", "flow", "hift", "tts", "train")
+STAGES = ("llm", "flow", "hift", "tts", "train", "frontend")
 
 
 @dataclasses.dataclass
@@ -43,16 +43,26 @@ def stage_of(group: str) -> str:
     return group.split("_", 1)[0]
 
 
-def runners() -> dict[str, Runner]:
-    """Group name -> runner, gathered from the stage modules that exist."""
-    out: dict[str, Runner] = {}
+def _stage_modules():
     for stage in STAGES:
         name = f"{__name__}.{stage}"
         try:
-            module = importlib.import_module(name)
+            yield importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
-            continue
+
+
+def runners() -> dict[str, Runner]:
+    """Group name -> runner, gathered from the stage modules that exist."""
+    out: dict[str, Runner] = {}
+    for module in _stage_modules():
         out.update(module.RUNNERS)
     return out
+
+
+def release_free_groups() -> set[str]:
+    """Groups whose runner reads nothing of the converted torch release (a stage module with
+    ``USES_RELEASE = False``): ``check`` converts the case's release only when a selected group needs it,
+    and hands these runners ``model=None``."""
+    return {g for module in _stage_modules() if not getattr(module, "USES_RELEASE", True) for g in module.RUNNERS}
