@@ -251,6 +251,11 @@ class Request:
     source_speech: np.ndarray | None  # [N] int (voice conversion)
     speed: float
     key: Any
+    max_tokens: int  # LLM output cap: what the flow's noise buffer leaves after the prompt
+
+    @property
+    def lm_request(self) -> lm.LMRequest:
+        return lm.LMRequest(self.text, self.prompt_text, self.llm_prompt_speech, self.max_tokens)
 
     @property
     def uses_llm(self) -> bool:
@@ -366,9 +371,21 @@ class CosyVoice3Model:
             raise ValueError("source_speech_tokens is empty: voice conversion needs source tokens")
         if forced is not None and forced.size == 0:
             raise ValueError("forced_tokens is empty")
+        # The flow starts every frame from the fixed noise buffer: prompt + generated frames must fit,
+        # which bounds the tokens before anything runs (the LLM is capped, given tokens are refused).
+        noise_frames, ratio = self.flow_noise.shape[-1], cfg.flow.token_mel_ratio
+        room = noise_frames // ratio - int(flow_prompt.size)
+        if room < 1:
+            raise ValueError(f"flow_prompt_speech_tokens: {flow_prompt.size} prompt tokens fill the flow's "
+                             f"{noise_frames}-frame noise buffer ({ratio} frames per token); nothing is left to generate")
+        for name, ids in (("forced_tokens", forced), ("source_speech_tokens", source)):
+            if ids is not None and ids.size > room:
+                raise ValueError(f"{name}: {ids.size} tokens + {flow_prompt.size} prompt tokens need "
+                                 f"{ratio * (ids.size + flow_prompt.size)} mel frames; the flow's noise buffer holds "
+                                 f"{noise_frames}")
         if source is None and forced is None:
             req = lm.LMRequest(tuple(int(t) for t in text), tuple(int(t) for t in prompt_text),
-                               tuple(int(t) for t in llm_prompt))
+                               tuple(int(t) for t in llm_prompt), max_tokens=room)
             lm.validate_request(cfg.llm, req)  # empty text / id ranges
         for name, ids in (("flow_prompt_speech_tokens", flow_prompt), ("forced_tokens", forced),
                           ("source_speech_tokens", source)):
@@ -398,7 +415,7 @@ class CosyVoice3Model:
             raise ValueError(f"speed={speed} is only supported with stream=False (upstream asserts this)")
         return Request(tuple(int(t) for t in text), tuple(int(t) for t in prompt_text),
                        tuple(int(t) for t in llm_prompt), flow_prompt, feat.astype(np.float32), emb,
-                       forced, source, float(speed), _as_key(key))
+                       forced, source, float(speed), _as_key(key), room)
 
     # ---------------------------------------------------------------- stages
     def _filter(self, vc: bool) -> SilentTokenFilter:
@@ -412,9 +429,8 @@ class CosyVoice3Model:
         if req.forced_tokens is not None:
             yield req.forced_tokens, True
             return
-        request = lm.LMRequest(req.text, req.prompt_text, req.llm_prompt_speech)
         keys = req.key[None]
-        state = lm.start(self.params["llm"], self.config.llm, [request], keys, self.sampler)
+        state = lm.start(self.params["llm"], self.config.llm, [req.lm_request], keys, self.sampler)
         if bool(np.asarray(state.done)[0]):
             yield np.zeros(0, np.int64), True
             return
@@ -613,7 +629,7 @@ class CosyVoice3Model:
         raw: list[np.ndarray] = [np.zeros(0, np.int64)] * len(reqs)
         llm_rows = [i for i, q in enumerate(reqs) if q.uses_llm]
         if llm_rows:
-            lm_reqs = [lm.LMRequest(reqs[i].text, reqs[i].prompt_text, reqs[i].llm_prompt_speech) for i in llm_rows]
+            lm_reqs = [reqs[i].lm_request for i in llm_rows]
             keys_arr = jnp.stack([reqs[i].key for i in llm_rows])
             gens = lm.generate(self.params["llm"], self.config.llm, lm_reqs, keys_arr, self.sampler,
                                chunk_size=self.schedule.base)

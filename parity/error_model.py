@@ -105,6 +105,18 @@ def probe_sigmas(compute: Callable[[Any, int | None], Mapping[str, np.ndarray]],
     return base, sigma
 
 
+def probe_tolerance(fn: Callable[[Any], Any], params: Any, *, skip: Callable[[str], bool] = lambda path: False,
+                    probes: int = PROBES) -> float:
+    """``tolerance`` for comparing two float32 evaluations of ``fn(params)`` (e.g. streamed vs offline).
+
+    ``fn`` maps a params tree to an array; the probes move every float32 leaf of ``params`` by one ulp.
+    """
+    base = np.asarray(fn(params), np.float64)
+    sigma = max(float(np.max(np.abs(np.asarray(fn(ulp_perturb(params, seed, skip)), np.float64) - base), initial=0.0))
+                for seed in range(1, probes + 1))
+    return tolerance(sigma, base)
+
+
 def tolerance(sigma: float, ref: Any) -> float:
     """``max(KAPPA * sigma, ulp_floor(ref))``."""
     return max(KAPPA * sigma, ulp_floor(ref))
@@ -142,4 +154,4 @@ def kl_bound(tau: float) -> float:
 
 
 __all__ = ["EPS32", "KAPPA", "PROBES", "describe", "kl_bound", "logit_tie_margin", "perturb_input",
-           "perturb_model", "probe_sigmas", "tolerance", "ulp_floor", "ulp_perturb"]
+           "perturb_model", "probe_sigmas", "probe_tolerance", "tolerance", "ulp_floor", "ulp_perturb"]

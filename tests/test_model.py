@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from cosyjax import model as model_mod
 from cosyjax.llm import lm
 from cosyjax.llm.sampling import SamplerSettings
-from cosyjax.model import CosyVoice3Model, HopState, SilentTokenFilter, Trace, interpolate_linear
+from cosyjax.model import CosyVoice3Model, HopState, SilentTokenFilter, Trace, interpolate_linear, stream_seams
 from cosyjax.parity.case import load_case
 from cosyjax.parity.compare import format_comparison
+from cosyjax.parity.error_model import tolerance, ulp_perturb
 from cosyjax.parity.stages.tts import RUNNERS
 
 from conftest import cases_with_group
@@ -97,8 +100,12 @@ def test_modes_reach_llm(case_model, monkeypatch):
     _speech(m, text_ids=text, prompt_text_ids=prompt_text, llm_prompt_speech_tokens=prompt_speech, **_prompt(case))
     _speech(m, text_ids=text, **_prompt(case))  # cross-lingual: marker inside the text
     _speech(m, text_ids=text, prompt_text_ids=prompt_text[:3], **_prompt(case))  # instruct2
-    assert seen == [lm.LMRequest.zero_shot(text, prompt_text, prompt_speech), lm.LMRequest.cross_lingual(text),
-                    lm.LMRequest.instruct2(text, prompt_text[:3])]
+    # Each request is capped by what the flow's noise buffer leaves after the prompt.
+    room = converted.buffers["flow_rand_noise"].shape[-1] // converted.config.flow.token_mel_ratio - len(
+        _prompt(case)["flow_prompt_speech_tokens"])
+    assert seen == [dataclasses.replace(r, max_tokens=room) for r in (
+        lm.LMRequest.zero_shot(text, prompt_text, prompt_speech), lm.LMRequest.cross_lingual(text),
+        lm.LMRequest.instruct2(text, prompt_text[:3]))]
 
 
 def test_voice_conversion_skips_llm_and_filter_and_keeps_untrimmed_prompt(case_model, monkeypatch):
@@ -191,15 +198,163 @@ def test_stream_concatenation_matches_offline_when_no_hop(case_model):
     np.testing.assert_array_equal(streamed, offline)
 
 
-def test_stream_audio_close_to_offline(case_model):
-    """Stream chunks (chunk-masked flow) differ from offline only by the streaming attention."""
+def _perturbed(converted, seed):
+    """The converted model with every flow/HiFT weight moved by one ulp (the HiFT f0 predictor, which
+    runs in float64 on every path, aside): an error-model probe (cosyjax.parity.error_model)."""
+    return dataclasses.replace(converted, params=ulp_perturb(converted.params, seed,
+                                                             lambda path: path.startswith("hift/f0_predictor")))
+
+
+def _chain_tolerance(converted, fn):
+    """KAPPA x how far one-ulp weight probes move ``fn(converted)`` (one array): two float32
+    evaluations of the same chain (different buffer sizes, carried state) differ by about that much."""
+    base = np.asarray(fn(converted), np.float64)
+    sigma = max(float(np.abs(np.asarray(fn(_perturbed(converted, seed)), np.float64) - base).max())
+                for seed in (1, 2))
+    return tolerance(sigma, base)
+
+
+def test_stream_audio_is_upstreams_stream_schedule_and_seams_measure_it(case_model):
+    """The stream is what upstream's loop computes (chunk-causal flow on each prefix, the last chunk with
+    full attention over everything, the vocoder on all mel so far), assembled here from plain offline
+    calls; ``stream_seams`` measures how far that is from the offline audio."""
+    from cosyjax.flow.flow import flow_inference
+    from cosyjax.hift.generator import hift_inference
+
     case, converted = case_model
-    m = CosyVoice3Model(converted, upstream_hop_quirk=False)
+    prompt = _prompt(case)
     forced = _codes(converted, 24, 3)
-    offline, _ = _speech(m, forced_tokens=forced, **_prompt(case))
-    streamed, lengths = _speech(m, forced_tokens=forced, stream=True, **_prompt(case))
-    assert len(lengths) > 1 and streamed.shape == offline.shape
-    assert np.isfinite(streamed).all()
+    m = CosyVoice3Model(converted)
+    offline, _ = _speech(m, forced_tokens=forced, **prompt)
+    chunks = [c["tts_speech"] for c in m.tts(forced_tokens=forced, stream=True, **prompt)]
+    trace = _traced(m, forced_tokens=forced, stream=True, **prompt)[2]
+    assert len(chunks) > 2
+
+    def assembled(conv):
+        cfg = conv.config.flow
+        args = (np.asarray(prompt["flow_prompt_speech_tokens"])[None], np.asarray(prompt["prompt_feat"])[None],
+                np.asarray(prompt["embedding"])[None])
+        mels, offset = [], 0
+        for (n, streaming, finalize), hop in zip(trace.flow_calls[:-1], trace.hops):
+            mel = flow_inference(conv.params["flow"], forced[None, :n], *args, cfg=cfg,
+                                 noise=conv.buffers["flow_rand_noise"], streaming=True, finalize=False)
+            mels.append(np.asarray(mel)[:, cfg.token_mel_ratio * offset:])
+            offset += hop
+        last = flow_inference(conv.params["flow"], forced[None], *args, cfg=cfg, noise=conv.buffers["flow_rand_noise"],
+                              streaming=False, finalize=True)
+        mels.append(np.asarray(last)[:, cfg.token_mel_ratio * offset:])
+        return hift_inference(conv.params["hift"], np.concatenate(mels, axis=1), cfg=conv.config.hift)
+
+    streamed = np.concatenate(chunks, axis=1)
+    expected = np.asarray(assembled(converted))
+    tol = _chain_tolerance(converted, assembled)
+    np.testing.assert_allclose(streamed, expected, rtol=0, atol=tol)
+
+    seams = stream_seams(chunks, offline)
+    diff = np.abs(streamed.astype(np.float64) - offline)
+    assert seams["max_abs"] == float(diff.max()) > 100 * tol  # the chunk mask really changes the audio
+    edges = np.cumsum([c.shape[1] for c in chunks])[:-1]
+    assert [s["sample"] for s in seams["seams"]] == edges.tolist()
+    for s, e in zip(seams["seams"], edges):
+        assert s["max_abs"] == float(diff[:, max(0, e - 480):e + 480].max())
+    energy = float(np.sum(offline.astype(np.float64) ** 2))
+    assert seams["snr_db"] == pytest.approx(10 * np.log10(energy / float(np.sum(diff ** 2))))
+    with pytest.raises(ValueError, match="differ in length"):
+        stream_seams(chunks[:-1], offline)
+
+
+def test_same_key_same_audio_and_the_shared_hop_exception(case_model):
+    """Repeated calls with the same key and options give the same audio, streamed or not; only a hop
+    state shared across requests (upstream's quirk) makes a stream depend on the requests before it."""
+    case, converted = case_model
+    prompt = _prompt(case)
+    forced = _codes(converted, 40, 4)
+    m = CosyVoice3Model(converted)
+    for stream in (False, True):
+        first, lengths = _speech(m, forced_tokens=forced, stream=stream, key=5, **prompt)
+        again, lengths2 = _speech(m, forced_tokens=forced, stream=stream, key=5, **prompt)
+        np.testing.assert_array_equal(first, again)
+        assert lengths == lengths2
+    quirk = CosyVoice3Model(converted, upstream_hop_quirk=True)
+    a, _, trace_a = _traced(quirk, forced_tokens=forced, stream=True, key=5, **prompt)
+    b, _, trace_b = _traced(quirk, forced_tokens=forced, stream=True, key=5, **prompt)
+    np.testing.assert_array_equal(a, first)  # the first request on a fresh model: the fresh schedule
+    assert trace_a.hops.tolist() != trace_b.hops.tolist() and not np.array_equal(a, b)
+
+
+def test_long_stream_matches_upstream_rerun_and_the_growth_is_the_phase_integral(case_model):
+    """>= 8 hops of the default stream (incremental flow, carried vocoder) against upstream's algorithm
+    (re-run flow on the prefix, re-run vocoder on all mel) with the same hops.  The mel stays at float32
+    rounding, but the audio difference grows hop by hop: the NSF phase integrates the f0 the mel implies
+    over every sample.  The error model follows that growth: per chunk, the difference stays within KAPPA
+    times how far one-ulp weight probes move the same chunk of the re-run."""
+    from cosyjax.hift.generator import hift_inference
+
+    case, converted = case_model
+    prompt = _prompt(case)
+    base = converted.config.flow.static_chunk_size // converted.config.flow.token_mel_ratio
+    forced = _codes(converted, 40 * base + 7, 5)
+
+    def chunks_of(conv, **options):
+        trace = Trace(record_mel=True)
+        out = [c["tts_speech"] for c in CosyVoice3Model(conv, **options).tts(forced_tokens=forced, stream=True,
+                                                                                trace=trace, **prompt)]
+        return out, trace
+
+    carried, trace_c = chunks_of(converted)
+    rerun, trace_r = chunks_of(converted, flow_carry=False, hift_carry=False)
+    probes = [chunks_of(_perturbed(converted, seed), flow_carry=False, hift_carry=False)[0] for seed in (1, 2)]
+    assert len(trace_c.hops) >= 8 and [c.shape for c in carried] == [c.shape for c in rerun]
+    mel_tol = _chain_tolerance(converted, lambda conv: chunks_of(conv, flow_carry=False)[1].mel)
+    np.testing.assert_allclose(trace_c.mel, trace_r.mel, rtol=0, atol=mel_tol)
+    errors, sigmas = [], []
+    for i, (c, r) in enumerate(zip(carried, rerun)):
+        sigma = max(float(np.abs(p[i] - r).max()) for p in probes)
+        errors.append(float(np.abs(c - r).max()))
+        sigmas.append(sigma)
+        assert errors[-1] <= tolerance(sigma, r), (i, errors[-1], sigma)
+    # The growth: late chunks differ (and probe) far more than the first, while the mel does not grow.
+    assert max(errors[-3:]) > 20 * errors[0] and max(sigmas[-3:]) > 20 * sigmas[0]
+    # ... and it is the phase: the f0 of the two mels differs at float32 resolution only.
+    f0 = [np.asarray(hift_inference(converted.params["hift"], t.mel, cfg=converted.config.hift,
+                                    return_intermediates=True)["f0"]) for t in (trace_c, trace_r)]
+    assert np.abs(f0[0] - f0[1]).max() <= 1e-4 * np.abs(f0[1]).max()
+
+
+def test_output_beyond_the_noise_buffer_is_bounded_before_decoding(case_model, monkeypatch):
+    """Prompt + output frames must fit the flow's fixed noise buffer: given tokens that do not fit are
+    refused before anything runs, and the LLM's max_len is capped by the room left."""
+    case, converted = case_model
+    prompt = _prompt(case)
+    ratio = converted.config.flow.token_mel_ratio
+    p = len(prompt["flow_prompt_speech_tokens"])
+    frames = ratio * (p + 20)
+    small = dataclasses.replace(converted, buffers={**converted.buffers,
+                                                    "flow_rand_noise": converted.buffers["flow_rand_noise"][:, :, :frames]})
+    m = CosyVoice3Model(small)
+
+    def no_device(*_a, **_k):
+        raise AssertionError("device work started for a request that cannot fit")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(model_mod, "flow_inference", no_device)
+        with pytest.raises(ValueError, match=rf"21 tokens \+ {p} prompt tokens need {ratio * (p + 21)} mel frames"):
+            m.tts(forced_tokens=_codes(converted, 21), **prompt)
+        with pytest.raises(ValueError, match="nothing is left to generate"):
+            m.tts(forced_tokens=_codes(converted, 2), **{**prompt, "flow_prompt_speech_tokens": _codes(converted, p + 20)})
+    seen = []
+    real_start = lm.start
+
+    def spy(params, cfg, requests, keys, settings, **kw):
+        seen.extend(requests)
+        return real_start(params, cfg, requests, keys, settings, **kw)
+
+    monkeypatch.setattr(model_mod.lm, "start", spy)
+    a = case.group("tts")
+    _, _, trace = _traced(m, text_ids=a["text"][0], prompt_text_ids=a["prompt_text"][0],
+                          llm_prompt_speech_tokens=a["llm_prompt_speech_token"][0], **prompt)
+    assert seen[0].max_tokens == 20 and lm.length_limits(seen[0])[1] == min(20, 20 * len(a["text"][0]))
+    assert len(trace.llm_tokens) <= 20
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,11 +41,16 @@ ENDOFPROMPT_ID = 151646  # <|endofprompt|> in the Qwen tokenizer; upstream asser
 
 @dataclasses.dataclass(frozen=True)
 class LMRequest:
-    """Token ids of one LLM request (see the module docstring for the modes)."""
+    """Token ids of one LLM request (see the module docstring for the modes).
+
+    ``max_tokens`` caps upstream's max_len (20 tokens per text token) for this request: the caller's
+    output limit (the flow's noise buffer, a server's max output seconds).
+    """
 
     text: tuple[int, ...]
     prompt_text: tuple[int, ...] = ()
     prompt_speech: tuple[int, ...] = ()
+    max_tokens: int | None = None
 
     @classmethod
     def zero_shot(cls, text, prompt_text, prompt_speech) -> "LMRequest":
@@ -87,6 +92,8 @@ def validate_request(cfg: LLMConfig, request: LMRequest, *, require_endofprompt:
     """
     if len(request.text) == 0:
         raise ValueError("text is empty: the LLM needs at least one text token")
+    if request.max_tokens is not None and (isinstance(request.max_tokens, bool) or int(request.max_tokens) < 1):
+        raise ValueError(f"max_tokens={request.max_tokens!r}: expected a positive token count")
     _check_range("text", request.text, cfg.vocab_size)
     _check_range("prompt_text", request.prompt_text, cfg.vocab_size)
     # Prompt speech comes from the speech tokenizer: only real codes, never the special ids.
@@ -113,8 +120,12 @@ def build_layout(cfg: LLMConfig, request: LMRequest, speech_targets: Sequence[in
 
 def length_limits(request: LMRequest, min_ratio: float = MIN_TOKEN_TEXT_RATIO,
                   max_ratio: float = MAX_TOKEN_TEXT_RATIO) -> tuple[int, int]:
-    """(min_len, max_len) = int(len(text) * ratio), prompt text excluded (Qwen2LM.inference)."""
-    return int(len(request.text) * min_ratio), int(len(request.text) * max_ratio)
+    """(min_len, max_len) = int(len(text) * ratio), prompt text excluded (Qwen2LM.inference);
+    max_len is further capped by ``request.max_tokens``."""
+    max_len = int(len(request.text) * max_ratio)
+    if request.max_tokens is not None:
+        max_len = min(max_len, int(request.max_tokens))
+    return int(len(request.text) * min_ratio), max_len
 
 
 def bucket(n: int, minimum: int = 16) -> int:
