@@ -159,9 +159,9 @@ def record_llm_inputs(tts, monkeypatch, *, forced: bool = True) -> list[dict]:
         calls.append(kw)
         if not forced:
             return real(**kw)
-        lm.validate_request(tts.config.llm, lm.LMRequest(tuple(int(t) for t in kw["text_ids"]),
-                                                          tuple(int(t) for t in kw.get("prompt_text_ids", ())),
-                                                          tuple(int(t) for t in kw.get("llm_prompt_speech_tokens", ()))))
+        ids = [tuple(int(t) for t in kw.get(name, ())) for name in
+               ("text_ids", "prompt_text_ids", "llm_prompt_speech_tokens")]
+        lm.validate_request(tts.config.llm, lm.LMRequest(*ids))
         return real(**kw, forced_tokens=FORCED_TOKENS)
 
     monkeypatch.setattr(tts.model, "tts", spy)
@@ -258,7 +258,7 @@ def test_cantonese_instruction_is_upstreams():
     assert build_prompt(dialect, "instruct_text", kind="instruction") == instruct_list[0]
 
 
-def test_strict_refuses_like_upstream(tts, prompt_wav):
+def test_strict_refuses_like_upstream(tts, prompt_wav, monkeypatch):
     for call, field in ((lambda: tts.inference_zero_shot("Hello.", "A short prompt.", prompt_wav, strict=True),
                          "prompt_text"),
                         (lambda: tts.inference_cross_lingual("Hello.", prompt_wav, strict=True), "tts_text"),
@@ -270,7 +270,11 @@ def test_strict_refuses_like_upstream(tts, prompt_wav):
             call()
     assert "x" not in tts.spk2info
     # with the marker, strict changes nothing
-    assert next(iter(tts.inference_cross_lingual(SYSTEM + MARK + "Hello.", prompt_wav, strict=True))) is not None
+    calls = record_llm_inputs(tts, monkeypatch)
+    _audio(tts.inference_cross_lingual(SYSTEM + MARK + "Hello.", prompt_wav, strict=True))
+    _audio(tts.inference_zero_shot("Hello.", PROMPT_TEXT, prompt_wav, strict=True))
+    assert calls[0]["text_ids"] == _ids(tts, SYSTEM + MARK + "Hello.")
+    assert list(calls[1]["prompt_text_ids"]) == _ids(tts, PROMPT_TEXT)
 
 
 def test_cached_speaker_without_marker(tts, prompt_wav, monkeypatch, caplog):

@@ -37,6 +37,9 @@ Differences from upstream, on purpose:
   outside Chinese text, ``٣``) is mapped through ``unicodedata.digit`` first, since inflect cannot read
   them; upstream would pass them through unchanged or fail.
 * ttsfrd (upstream's first choice, a closed binary package) is not supported.
+* Text with kana or hangul (and no ideograph) is not given to wetext's English grammar (upstream's
+  crashes there on a digit), and a grammar that fails on other text falls back to the rules path
+  (upstream's request fails with the grammar's bare ``AssertionError``).
 
 Normaliser backends: ``"wetext"`` uses the ``wetext`` package (>= 0.1, which bundles its FSTs in the
 wheel and works offline; upstream pins 0.0.4, which downloads the FSTs from ModelScope at first use and
@@ -50,8 +53,8 @@ Why digit-free English is not normalised (``"Dr. Smith"`` stays, ``"Dr. Smith ha
 ``"doctor Smith has three cats."``): upstream's frontend calls ``en_tn_model.normalize(text)`` on every
 English text, but its pinned wetext 0.0.4 ``Normalizer.normalize`` returns the text unchanged unless it
 holds a digit (its ``wetext.py``: ``if self.operator == "itn" or re.search(...digit...)``); only wetext
-0.1.x, which upstream does not pin, rewrites every text. Doing so here would move digit-free English away from upstream's output (``&`` ->
-``and``, ``St.`` -> ``Street``, tabs and newlines -> blanks).
+0.1.x, which upstream does not pin, rewrites every text. Doing so here would move digit-free English
+away from upstream's output (``&`` -> ``and``, ``St.`` -> ``Street``, tabs and newlines -> blanks).
 
 A normaliser that fails (an exception from the grammar) is reported as a :class:`TextError` naming the
 input; with ``errors="fallback"`` (default) it is logged as a warning and that text takes the rules
