@@ -320,6 +320,8 @@ UPSTREAM_TEXTS = [
     'He said "Hi." Then he left! Did he? Yes; he did: twice. "Really?" she asked.' * 3,
     "I have 23 apples, 4 pears and 1000000 grapes; 7 of them are bad",
     "Hello.”!  Hi!! Ok... fine?!",
+    "こんにちは123、レキシ テキ セカイ。",  # kana and hangul: upstream's en rules (our "ja"/"ko" route)
+    "안녕하세요 123개. 감사합니다!",
 ]
 
 
