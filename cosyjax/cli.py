@@ -48,9 +48,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-DEFAULT_MARKER_PREFIX = "You are a helpful assistant.<|endofprompt|>"
-
-
 def _mode(args: argparse.Namespace) -> str:
     if args.mode != "auto":
         return args.mode
@@ -88,15 +85,14 @@ def _cmd_tts(args: argparse.Namespace) -> int:
     tts = CosyVoice3.from_pretrained(args.model_dir, dtype=args.dtype, backend=args.backend,
                                      converted_dir=args.converted_dir, llm_file=args.llm_file)
     text = args.text
-    if mode == "cross_lingual" and "<|endofprompt|>" not in text:
-        text = DEFAULT_MARKER_PREFIX + text  # CosyVoice3's cross-lingual text carries the prompt marker
     kw = dict(stream=args.stream, speed=args.speed)
+    prompt_kw = dict(seed=args.seed, language=args.language, strict=args.strict_prompt)
     if mode == "zero_shot":
-        gen = tts.inference_zero_shot(text, args.prompt_text, args.prompt_wav, seed=args.seed, **kw)
+        gen = tts.inference_zero_shot(text, args.prompt_text, args.prompt_wav, **prompt_kw, **kw)
     elif mode == "cross_lingual":
-        gen = tts.inference_cross_lingual(text, args.prompt_wav, seed=args.seed, **kw)
+        gen = tts.inference_cross_lingual(text, args.prompt_wav, **prompt_kw, **kw)
     elif mode == "instruct2":
-        gen = tts.inference_instruct2(text, args.instruct_text, args.prompt_wav, seed=args.seed, **kw)
+        gen = tts.inference_instruct2(text, args.instruct_text, args.prompt_wav, **prompt_kw, **kw)
     else:
         gen = tts.inference_vc(args.source_wav, args.prompt_wav, **kw)
     chunks, start = [], time.perf_counter()
@@ -223,8 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
     p.add_argument("--text", default="", help="text to speak")
     p.add_argument("--prompt-wav", help="recording of the voice to clone (wav/flac/ogg)")
-    p.add_argument("--prompt-text", help="zero-shot: transcript of --prompt-wav, after '<|endofprompt|>'")
+    p.add_argument("--prompt-text", help="zero-shot: transcript of --prompt-wav, after '<|endofprompt|>' "
+                   "(without the marker, 'You are a helpful assistant.<|endofprompt|>' is put before it)")
     p.add_argument("--instruct-text", help="instruct2: the instruction, ending with '<|endofprompt|>'")
+    p.add_argument("--language", default=None,
+                   help="build the prompt with a language instruction (en, zh, ja, ko, de, es, fr, it, ru, yue); "
+                   "the prompt/instruct/cross-lingual text must then not hold '<|endofprompt|>'")
+    p.add_argument("--strict-prompt", action="store_true",
+                   help="refuse a prompt without '<|endofprompt|>' (as upstream) instead of building it")
     p.add_argument("--source-wav", help="vc: the speech to convert into the prompt's voice")
     p.add_argument("--mode", default="auto", choices=["auto", "zero_shot", "cross_lingual", "instruct2", "vc"])
     p.add_argument("--stream", action="store_true", help="stream (upstream's chunk schedule), print chunk times")

@@ -19,6 +19,16 @@ Differences from upstream, on purpose:
   transcript, and silently drops the instruction.
 - The speaker cache stores numpy prompt features (``PromptFeatures``) in a directory of ``.npz``
   files instead of a pickled ``spk2info.pt``.
+- A prompt without ``<|endofprompt|>`` (zero-shot ``prompt_text``, cross-lingual ``tts_text``,
+  instruct2 ``instruct_text``) gets CosyVoice3's prompt built around it, with a warning
+  (:func:`build_prompt`); upstream's LLM asserts instead, which ``strict=True`` reproduces as a
+  ``ValueError``.  ``language=`` adds a language instruction to that prompt.  A cross-lingual text
+  without the marker is normalised and split first and each segment gets the prompt; upstream skips
+  its text frontend for any text holding the marker, so a text written with the marker is passed
+  whole and unnormalised, here as upstream.
+- A prompt recording shorter than ``MIN_PROMPT_SECONDS`` gets a warning.
+- ``tts_text`` must be a str: upstream's text-in streaming (a generator of text pieces, run through
+  ``Qwen2LM.inference_bistream``) is refused with a ``TypeError``.
 """
 
 from __future__ import annotations
@@ -28,20 +38,97 @@ import logging
 import os
 import re
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import jax
 import numpy as np
 
 from cosyjax.checkpoint import CONVERTED_SUBDIR, CheckpointError, load_converted
 from cosyjax.config import QWEN_DIR, load_model_config
+from cosyjax.frontend.tokenizer import ENDOFPROMPT
 
 DEFAULT_HUB_ID = "FunAudioLLM/Fun-CosyVoice3-0.5B-2512"
 SPEECH_TOKENIZER = "speech_tokenizer_v3.onnx"
 SPEAKER_ENCODER = "campplus.onnx"
 FRONTENDS = ("onnx", "jax")  # where the prompt's speech tokenizer and speaker encoder run
+# The system prompt of every CosyVoice3 prompt in upstream's examples and instruct_list.
+SYSTEM_PROMPT = "You are a helpful assistant."
+# Shorter prompt recordings hold a handful of speech tokens (25 Hz): too little voice to clone.
+MIN_PROMPT_SECONDS = 1.0
+# language= -> the sentence added after the system prompt.  Cantonese's is upstream's own
+# (cosyvoice/utils/common.py instruct_list); upstream ships no instruction for the other languages,
+# so those sentences are ours, in the form "Please speak in <Language>.".
+LANGUAGE_INSTRUCTIONS = {
+    "zh": "Please speak in Chinese.", "en": "Please speak in English.", "ja": "Please speak in Japanese.",
+    "ko": "Please speak in Korean.", "de": "Please speak in German.", "es": "Please speak in Spanish.",
+    "fr": "Please speak in French.", "it": "Please speak in Italian.", "ru": "Please speak in Russian.",
+    "yue": "请用广东话表达。",
+}
+LANGUAGE_NAMES = {"chinese": "zh", "mandarin": "zh", "english": "en", "japanese": "ja", "korean": "ko",
+                  "german": "de", "spanish": "es", "french": "fr", "italian": "it", "russian": "ru",
+                  "cantonese": "yue"}
 
 log = logging.getLogger(__name__)
+
+
+def language_instruction(language: str) -> str:
+    """The instruction sentence for a language code or English name (``"en"``, ``"English"``, ``"yue"``)."""
+    key = str(language).strip().lower()
+    key = LANGUAGE_NAMES.get(key, key)
+    if key not in LANGUAGE_INSTRUCTIONS:
+        raise ValueError(f"language={language!r}: expected one of {', '.join(LANGUAGE_INSTRUCTIONS)} "
+                         f"(or {', '.join(LANGUAGE_NAMES)})")
+    return LANGUAGE_INSTRUCTIONS[key]
+
+
+def build_prompt(text: str, field: str, *, kind: Literal["transcript", "instruction"] = "transcript",
+                 language: str | None = None, strict: bool = False, has_marker: bool | None = None) -> str:
+    """``text`` in CosyVoice3's prompt format, which puts ``<|endofprompt|>`` after an instruction.
+
+    Args:
+      text: a transcript or tts text (``kind="transcript"``) or an instruction (``kind="instruction"``).
+      field: the argument's name, for messages.
+      language: a code or name of ``LANGUAGE_INSTRUCTIONS``: add that instruction to the built prompt.
+      strict: refuse a prompt without the marker, as upstream does (its LLM asserts it).
+      has_marker: whether the LLM input already holds the marker (default: ``<|endofprompt|>`` in
+        ``text``; upstream accepts it anywhere in prompt text + tts text).
+    Returns:
+      ``text`` unchanged when it has the marker; else a transcript becomes
+      ``"You are a helpful assistant.<|endofprompt|>" + text`` and an instruction
+      ``"You are a helpful assistant. " + text + "<|endofprompt|>"`` (upstream's instruct_list form; a
+      leading system prompt is not doubled), with ``" " + language_instruction(language)`` after the
+      system prompt.  Filling in a missing marker logs a warning naming the inserted text.
+    Raises:
+      ValueError: the marker is missing and ``strict``; or ``language`` is given but the text already
+        has the marker (the prompt is then the caller's); or an unknown language.
+    """
+    has_marker = ENDOFPROMPT in text if has_marker is None else has_marker
+    if has_marker:
+        if language:
+            raise ValueError(f"{field} already holds {ENDOFPROMPT}, so language={language!r} has nowhere to go: "
+                             f"pass {field} without the marker (language= builds the prompt) or write the "
+                             "instruction into it yourself")
+        return text
+    if strict:
+        raise ValueError(f"{field} has no {ENDOFPROMPT}: CosyVoice3 expects e.g. "
+                         f"{SYSTEM_PROMPT + ENDOFPROMPT + 'transcript'!r} (upstream refuses such input; "
+                         "without strict the prompt is built for you)")
+    head = [SYSTEM_PROMPT] + ([language_instruction(language)] if language else [])
+    if kind == "instruction":
+        body = text.strip()
+        body = body[len(SYSTEM_PROMPT):].strip() if body.startswith(SYSTEM_PROMPT) else body
+        built = " ".join(head + ([body] if body else [])) + ENDOFPROMPT
+    else:
+        built = " ".join(head) + ENDOFPROMPT + text
+    if language:
+        log.info("%s: using the CosyVoice3 prompt %r", field, built)
+    elif kind == "transcript":
+        log.warning("%s has no %s, which CosyVoice3 needs: inserted %r before it (strict=True refuses instead; "
+                    "language= adds a language instruction)", field, ENDOFPROMPT, built[:len(built) - len(text)])
+    else:
+        log.warning("%s has no %s, which CosyVoice3 needs: using %r (strict=True refuses instead; language= "
+                    "adds a language instruction)", field, ENDOFPROMPT, built)
+    return built
 
 
 class HubError(RuntimeError):
@@ -234,17 +321,39 @@ class CosyVoice3:
                    **kwargs)
 
     # ------------------------------------------------------------------ frontend
-    def _segments(self, text: str, text_frontend: bool) -> list[str]:
-        if not isinstance(text, str) or not text.strip():
+    @staticmethod
+    def _check_tts_text(text: Any) -> None:
+        if not isinstance(text, str):
+            # Upstream streams a generator of text pieces through Qwen2LM.inference_bistream; that decode
+            # (text interleaved 5:15 with speech tokens, forced fill tokens) is not implemented here.
+            raise TypeError(f"tts_text must be a str, got {type(text).__name__}: text-in streaming (a generator "
+                            "of text pieces, upstream's bistream) is not supported; join the pieces "
+                            "(''.join(pieces)) or call once per sentence")
+        if not text.strip():
             raise ValueError("tts_text is empty")
+
+    def _segments(self, text: str, text_frontend: bool) -> list[str]:
+        self._check_tts_text(text)
         return self.normalizer(text) if text_frontend else [text]
 
     def _prompt(self, prompt_wav: Any, *, align: bool = True):
-        from cosyjax.frontend import extract_prompt
+        from cosyjax.frontend import extract_prompt, read_audio
 
-        return extract_prompt(prompt_wav, speech_tokenizer=self.speech_tokenizer,
-                              speaker_encoder=self.speaker_encoder, mel_cfg=self.config.mel,
-                              token_mel_ratio=self.config.flow.token_mel_ratio, align=align)
+        if hasattr(prompt_wav, "read"):  # read below twice: once for the features, once for the duration
+            prompt_wav = prompt_wav.read()
+        prompt = extract_prompt(prompt_wav, speech_tokenizer=self.speech_tokenizer,
+                                speaker_encoder=self.speaker_encoder, mel_cfg=self.config.mel,
+                                token_mel_ratio=self.config.flow.token_mel_ratio, align=align)
+        if isinstance(prompt_wav, tuple):  # (waveform, rate), checked by extract_prompt
+            samples, rate = np.asarray(prompt_wav[0]).size, int(prompt_wav[1])
+        else:
+            wav, rate = read_audio(prompt_wav)
+            samples = wav.size
+        if samples < MIN_PROMPT_SECONDS * rate:
+            name = os.fspath(prompt_wav) if isinstance(prompt_wav, (str, os.PathLike)) else "the prompt recording"
+            log.warning("%s is %.2f s long: a prompt shorter than %.0f s gives too few speech tokens to clone the "
+                        "voice well", name, samples / rate, MIN_PROMPT_SECONDS)
+        return prompt
 
     def _speaker(self, prompt_wav: Any, zero_shot_spk_id: str) -> Any:
         if zero_shot_spk_id:
@@ -271,17 +380,29 @@ class CosyVoice3:
     # ------------------------------------------------------------------ modes
     def inference_zero_shot(self, tts_text: str, prompt_text: str, prompt_wav: Any = None, zero_shot_spk_id: str = "",
                             stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
-                            seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                            seed: int = 0, *, language: str | None = None,
+                            strict: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Clone the prompt's voice: ``prompt_text`` is its transcript (CosyVoice3 expects
-        ``"You are a helpful assistant.<|endofprompt|>transcript"``)."""
+        ``"You are a helpful assistant.<|endofprompt|>transcript"``; without the marker that prompt is
+        built, see :func:`build_prompt` for ``language`` and ``strict``)."""
+        self._check_tts_text(tts_text)
+        tts_marker = ENDOFPROMPT in tts_text
         if zero_shot_spk_id:
             cached = self.spk2info.get(zero_shot_spk_id)
             if cached is None:
                 raise KeyError(f"speaker {zero_shot_spk_id!r} is not cached (add_zero_shot_spk / load_spkinfo)")
-            prompt, prompt_ids = cached["prompt"], cached["prompt_text_ids"]
+            prompt, prompt_ids = cached["prompt"], np.asarray(cached["prompt_text_ids"], np.int64)
+            # Ids of "<prefix><|endofprompt|>" + ids of the transcript are the ids of the joined text: the
+            # tokenizer splits at special tokens.
+            prefix = build_prompt("", f"prompt_text of cached speaker {zero_shot_spk_id!r}", language=language,
+                                  strict=strict, has_marker=tts_marker or self.tokenizer.endofprompt_id in prompt_ids)
+            if prefix:
+                prompt_ids = np.concatenate([np.asarray(self.tokenizer.encode(prefix), np.int64), prompt_ids])
         else:
             if not prompt_text or not prompt_text.strip():
                 raise ValueError("zero-shot needs prompt_text (the transcript of prompt_wav)")
+            prompt_text = build_prompt(prompt_text, "prompt_text", language=language, strict=strict,
+                                       has_marker=tts_marker or ENDOFPROMPT in prompt_text)
             prompt = self._speaker(prompt_wav, "")
             prompt_ids = self.tokenizer.encode(self.normalizer.normalize(prompt_text)[0] if text_frontend
                                                else prompt_text)
@@ -292,19 +413,30 @@ class CosyVoice3:
 
     def inference_cross_lingual(self, tts_text: str, prompt_wav: Any = None, zero_shot_spk_id: str = "",
                                 stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
-                                seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Speak ``tts_text`` (which carries ``<|endofprompt|>``) in the prompt's voice, no transcript needed."""
+                                seed: int = 0, *, language: str | None = None,
+                                strict: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Speak ``tts_text`` in the prompt's voice, no transcript needed.  CosyVoice3's text carries
+        ``<|endofprompt|>`` (then it is passed whole, as upstream); without it the text is normalised
+        and split and each segment gets the prompt (see :func:`build_prompt`)."""
+        self._check_tts_text(tts_text)
+        prefix = build_prompt("", "tts_text", language=language, strict=strict,
+                              has_marker=ENDOFPROMPT in tts_text)
         prompt = self._speaker(prompt_wav, zero_shot_spk_id)
         segments = self._segments(tts_text, text_frontend)
-        return self._run(segments, lambda s: {"text_ids": self.tokenizer.encode(s), **self._flow_prompt(prompt)},
-                         stream, speed, seed)
+        return self._run(segments, lambda s: {"text_ids": self.tokenizer.encode(prefix + s),
+                                              **self._flow_prompt(prompt)}, stream, speed, seed)
 
     def inference_instruct2(self, tts_text: str, instruct_text: str, prompt_wav: Any = None,
                             zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
-                            text_frontend: bool = True, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Follow a natural-language instruction (e.g. ``"You are a helpful assistant. 请用广东话表达。<|endofprompt|>"``)."""
-        if not instruct_text or not instruct_text.strip():
+                            text_frontend: bool = True, seed: int = 0, *, language: str | None = None,
+                            strict: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Follow a natural-language instruction (e.g. ``"You are a helpful assistant. 请用广东话表达。<|endofprompt|>"``;
+        ``"请用广东话表达。"`` alone gets the rest added, see :func:`build_prompt`)."""
+        self._check_tts_text(tts_text)
+        if not isinstance(instruct_text, str) or not instruct_text.strip():
             raise ValueError("instruct2 needs instruct_text")
+        instruct_text = build_prompt(instruct_text, "instruct_text", kind="instruction", language=language,
+                                     strict=strict, has_marker=ENDOFPROMPT in instruct_text or ENDOFPROMPT in tts_text)
         prompt = self._speaker(prompt_wav, zero_shot_spk_id)
         instruct_ids = self.tokenizer.encode(instruct_text)  # upstream does not normalise it
         segments = self._segments(tts_text, text_frontend)
@@ -323,10 +455,19 @@ class CosyVoice3:
                                       **self._flow_prompt(prompt))
 
     # ------------------------------------------------------------------ speaker cache
-    def add_zero_shot_spk(self, prompt_text: str, prompt_wav: Any, zero_shot_spk_id: str) -> bool:
-        """Extract and cache a voice's prompt features under ``zero_shot_spk_id``."""
+    def list_available_spks(self) -> list[str]:
+        """Ids of the cached voices (upstream's method; a CosyVoice3 release ships none)."""
+        return list(self.spk2info)
+
+    def add_zero_shot_spk(self, prompt_text: str, prompt_wav: Any, zero_shot_spk_id: str, *,
+                          language: str | None = None, strict: bool = False) -> bool:
+        """Extract and cache a voice's prompt features under ``zero_shot_spk_id`` (``prompt_text`` as in
+        :meth:`inference_zero_shot`, not normalised, as upstream)."""
         if not zero_shot_spk_id:
             raise ValueError("zero_shot_spk_id must be a non-empty string")
+        if not isinstance(prompt_text, str) or not prompt_text.strip():
+            raise ValueError("add_zero_shot_spk needs prompt_text (the transcript of prompt_wav)")
+        prompt_text = build_prompt(prompt_text, "prompt_text", language=language, strict=strict)
         prompt = self._prompt(prompt_wav)
         self.spk2info[zero_shot_spk_id] = {"prompt": prompt,
                                            "prompt_text_ids": np.asarray(self.tokenizer.encode(prompt_text), np.int64)}

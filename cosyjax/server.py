@@ -16,9 +16,11 @@ Optional fields beyond upstream's: ``stream`` (bool, default false: upstream's s
 model with its defaults), ``seed`` (int, default 0; not on vc, whose pipeline call takes none),
 ``speed`` (float, default 1, non-stream only) and, on the three text routes, ``spk_id``: a voice
 cached with ``CosyVoice3.add_zero_shot_spk`` / ``load_spkinfo`` (``cosyjax serve --spkinfo DIR``)
-that replaces ``prompt_wav`` (zero-shot also takes its transcript from the cache).  As upstream,
-the texts go to the model as given: CosyVoice3 expects ``<|endofprompt|>`` in ``prompt_text``,
-in ``instruct_text`` and, for cross-lingual, in ``tts_text``.
+that replaces ``prompt_wav`` (zero-shot also takes its transcript from the cache); ``language``
+and ``strict_prompt`` (bool), the pipeline's ``language`` / ``strict``.  CosyVoice3 expects
+``<|endofprompt|>`` in ``prompt_text``, in ``instruct_text`` and, for cross-lingual, in ``tts_text``;
+without it the pipeline builds the prompt (``cosyjax.pipeline.build_prompt``, logged as a warning),
+or answers 400 with ``strict_prompt=true``, as upstream refuses such input.
 
 Response body: headerless int16 little-endian mono PCM at the model rate (24 kHz), one chunk per
 model yield, produced as upstream's ``(x * 2**15).astype(int16)`` (truncation toward zero; values
@@ -112,6 +114,8 @@ Stream = Annotated[bool, Form()]
 Seed = Annotated[int, Form()]
 Speed = Annotated[float, Form()]
 SpkId = Annotated[str, Form()]
+Language = Annotated[str, Form()]
+Strict = Annotated[bool, Form()]
 
 
 def to_pcm16(audio: np.ndarray) -> bytes:
@@ -219,6 +223,11 @@ class _ModelWorker:
             with self._lock:
                 self.pending -= 1
                 self._jobs.discard(job)
+
+
+def _prompt_options(language: str, strict_prompt: bool) -> dict[str, Any]:
+    """The form's prompt options for the pipeline call, only those set (the defaults stay the pipeline's)."""
+    return {name: value for name, value in (("language", language), ("strict", strict_prompt)) if value}
 
 
 def _stopped() -> HTTPException:
@@ -351,7 +360,8 @@ def create_app(model: "CosyVoice3", *, max_text_chars: int = DEFAULT_MAX_TEXT_CH
     @app.api_route("/inference_zero_shot", methods=both)
     async def inference_zero_shot(request: Request, tts_text: TextField, prompt_text: OptText = None,
                                   prompt_wav: OptFile = None, spk_id: SpkId = "", stream: Stream = False,
-                                  seed: Seed = 0, speed: Speed = 1.0) -> Response:
+                                  seed: Seed = 0, speed: Speed = 1.0, language: Language = "",
+                                  strict_prompt: Strict = False) -> Response:
         tts_text = text("tts_text", tts_text)
         prompt_text = text("prompt_text", prompt_text, required=not spk_id)
         prompt = await upload("prompt_wav", prompt_wav)
@@ -359,24 +369,26 @@ def create_app(model: "CosyVoice3", *, max_text_chars: int = DEFAULT_MAX_TEXT_CH
         check_seed(seed)
         return await respond(request, "inference_zero_shot", lambda: model.inference_zero_shot(
             tts_text, prompt_text, prompt.checked() if prompt else None, zero_shot_spk_id=spk_id, stream=stream,
-            speed=speed, seed=seed))
+            speed=speed, seed=seed, **_prompt_options(language, strict_prompt)))
 
     @app.api_route("/inference_cross_lingual", methods=both)
     async def inference_cross_lingual(request: Request, tts_text: TextField, prompt_wav: OptFile = None,
                                       spk_id: SpkId = "", stream: Stream = False, seed: Seed = 0,
-                                      speed: Speed = 1.0) -> Response:
+                                      speed: Speed = 1.0, language: Language = "",
+                                      strict_prompt: Strict = False) -> Response:
         tts_text = text("tts_text", tts_text)
         prompt = await upload("prompt_wav", prompt_wav)
         voice(prompt, spk_id)
         check_seed(seed)
         return await respond(request, "inference_cross_lingual", lambda: model.inference_cross_lingual(
             tts_text, prompt.checked() if prompt else None, zero_shot_spk_id=spk_id, stream=stream, speed=speed,
-            seed=seed))
+            seed=seed, **_prompt_options(language, strict_prompt)))
 
     @app.api_route("/inference_instruct2", methods=both)
     async def inference_instruct2(request: Request, tts_text: TextField, instruct_text: OptText = None,
                                   prompt_wav: OptFile = None, spk_id: SpkId = "", stream: Stream = False,
-                                  seed: Seed = 0, speed: Speed = 1.0) -> Response:
+                                  seed: Seed = 0, speed: Speed = 1.0, language: Language = "",
+                                  strict_prompt: Strict = False) -> Response:
         tts_text = text("tts_text", tts_text)
         instruct_text = text("instruct_text", instruct_text)
         prompt = await upload("prompt_wav", prompt_wav)
@@ -384,7 +396,7 @@ def create_app(model: "CosyVoice3", *, max_text_chars: int = DEFAULT_MAX_TEXT_CH
         check_seed(seed)
         return await respond(request, "inference_instruct2", lambda: model.inference_instruct2(
             tts_text, instruct_text, prompt.checked() if prompt else None, zero_shot_spk_id=spk_id, stream=stream,
-            speed=speed, seed=seed))
+            speed=speed, seed=seed, **_prompt_options(language, strict_prompt)))
 
     @app.api_route("/inference_vc", methods=both)
     async def inference_vc(request: Request, source_wav: OptFile = None, prompt_wav: OptFile = None,

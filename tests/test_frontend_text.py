@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from cosyjax.frontend.text import (
     MAX_SEGMENT, MERGE_SEGMENT, MIN_SEGMENT, TextError, TextNormalizer, contains_chinese, has_markup,
-    is_only_punctuation, remove_blanks, split_paragraph, split_sentences, wetext_available,
+    is_only_punctuation, remove_blanks, script_of, split_paragraph, split_sentences, wetext_available,
 )
 from cosyjax.frontend.tokenizer import (
     CV3_ADDITIONAL_SPECIAL_TOKENS, ENDOFPROMPT, QWEN_ENDOFPROMPT_ID, CosyVoice3Tokenizer, TokenizerError,
@@ -319,6 +320,8 @@ UPSTREAM_TEXTS = [
     'He said "Hi." Then he left! Did he? Yes; he did: twice. "Really?" she asked.' * 3,
     "I have 23 apples, 4 pears and 1000000 grapes; 7 of them are bad",
     "Hello.”!  Hi!! Ok... fine?!",
+    "こんにちは123、レキシ テキ セカイ。",  # kana and hangul: upstream's en rules (our "ja"/"ko" route)
+    "안녕하세요 123개. 감사합니다!",
 ]
 
 
@@ -359,3 +362,93 @@ def test_rules_match_upstream(rules, tokenizer):
 
     for text in UPSTREAM_TEXTS:
         assert rules(text) == upstream(text), text
+
+
+# ------------------------------------------------------------------------------------------------
+# script routing and normaliser failures
+# ------------------------------------------------------------------------------------------------
+class _FakeGrammar:
+    """A stand-in wetext normaliser that records its inputs; ``fail`` makes it raise as wetext does."""
+
+    def __init__(self, name: str, fail: type[Exception] | None = None):
+        self.name, self.fail, self.calls = name, fail, []
+
+    def normalize(self, text: str) -> str:
+        self.calls.append(text)
+        if self.fail is not None:
+            raise self.fail()
+        return text.replace("Dr.", f"<{self.name}>")
+
+
+@pytest.fixture
+def fake_wetext(monkeypatch):
+    """Replace the wetext grammars by recording fakes (so routing is tested with or without wetext)."""
+    import cosyjax.frontend.text as text_mod
+
+    grammars = {"zh": _FakeGrammar("zh"), "en": _FakeGrammar("en")}
+    monkeypatch.setattr(text_mod, "_wetext_normalizers", lambda: (grammars["zh"], grammars["en"]))
+    return grammars
+
+
+def test_script_of():
+    assert script_of("今日は12時") == "zh"  # an ideograph first: upstream's zh path, kana or not
+    assert script_of("こんにちは123") == script_of("レキシ テキ") == script_of("ｺﾝﾆﾁﾊ1") == "ja"
+    assert script_of("안녕하세요 123개") == script_of("ㅎ1") == "ko"
+    assert script_of("Hello 12") == script_of("Привет 1") == script_of("café") == "en"
+
+
+@pytest.mark.parametrize("text, lang", [("こんにちは123", "ja"), ("ｺﾝﾆﾁﾊ 5", "ja"), ("안녕하세요 123개", "ko")])
+def test_kana_and_hangul_never_reach_the_english_grammar(tokenizer, rules, fake_wetext, text, lang):
+    normalizer = TextNormalizer(tokenizer.encode, backend="wetext")
+    assert normalizer.normalize(text) == (rules.normalize(text)[0], lang)
+    assert fake_wetext["en"].calls == [] and fake_wetext["zh"].calls == []
+    # the rules path upstream takes for such text without a normaliser: digits spelled by inflect
+    inflect = pytest.importorskip("inflect")
+    digits = "".join(c for c in text if c.isdigit())
+    assert inflect.engine().number_to_words(digits) in normalizer.normalize(text)[0]
+    assert normalizer(text) == rules(text)
+    # Latin text with a digit still goes to the English grammar, Chinese to the Chinese one.
+    normalizer.normalize("Dr. Who 1")
+    normalizer.normalize("你好1")
+    assert fake_wetext["en"].calls == ["Dr. Who 1"] and fake_wetext["zh"].calls == ["你好1"]
+
+
+@pytest.mark.parametrize("grammar, text", [("en", "Dr. Who has 2 cats."), ("zh", "今天是2024年。")])
+def test_normaliser_failure_falls_back_to_rules_or_raises(tokenizer, rules, fake_wetext, caplog, grammar, text):
+    fake_wetext[grammar].fail = AssertionError
+    fallback = TextNormalizer(tokenizer.encode, backend="wetext")
+    with caplog.at_level("WARNING", logger="cosyjax.frontend.text"):
+        assert fallback(text) == rules(text)
+    assert f"wetext's {grammar} grammar failed on {text!r} (AssertionError)" in caplog.text
+    strict = TextNormalizer(tokenizer.encode, backend="wetext", errors="raise")
+    with pytest.raises(TextError, match=re.escape(repr(text))) as info:
+        strict.normalize(text)
+    assert isinstance(info.value.__cause__, AssertionError)
+    with pytest.raises(ValueError, match="errors"):
+        TextNormalizer(tokenizer.encode, errors="ignore")
+
+
+@pytest.mark.skipif(not wetext_available(), reason="wetext >= 0.1 is not installed")
+@pytest.mark.parametrize("text", ["こんにちは123", "안녕하세요 123개", "Hello 12[laughter]", "Привет1"])
+def test_real_wetext_inputs_that_break_the_english_grammar(tokenizer, rules, caplog, text):
+    """The issue's inputs (and two Latin-script ones that break the English grammar the same way) give
+    the rules result with the real grammars: routed around it, or caught and logged."""
+    normalizer = TextNormalizer(tokenizer.encode, backend="wetext")
+    with caplog.at_level("WARNING", logger="cosyjax.frontend.text"):
+        assert normalizer(text) == rules(text)
+    routed = script_of(text) in ("ja", "ko")
+    assert ("grammar failed" in caplog.text) != routed, caplog.text
+
+
+@pytest.mark.skipif(not wetext_available(), reason="wetext >= 0.1 is not installed")
+def test_english_wetext_normalises_the_whole_text_when_it_holds_a_digit(tokenizer, rules):
+    """As upstream's pinned wetext 0.0.4: digit-free text is left alone, text with a digit is normalised
+    as a whole (the reference is wetext's own English grammar)."""
+    from wetext import Normalizer
+
+    english = Normalizer(lang="en", operator="tn")
+    normalizer = TextNormalizer(tokenizer.encode, backend="wetext")
+    text = "Dr. Smith has 3 cats."
+    assert normalizer.normalize(text) == (english.normalize(text), "en")
+    assert normalizer.normalize(text)[0].startswith("doctor Smith")
+    assert normalizer.normalize("Dr. Smith") == rules.normalize("Dr. Smith") == ("Dr. Smith", "en")

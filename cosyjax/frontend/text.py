@@ -11,7 +11,11 @@ Written from upstream's ``cosyvoice/cli/frontend.py::text_normalize`` and
    ASCII non-blank characters; ``²``/``³`` -> ``平方``/``立方``; ``.`` -> ``。``; `` - `` -> ``，``; drop
    ``（）【】`` and backticks, ``——`` -> blank; trailing ``，,、`` run -> ``。``; split with character
    counts. Else the **en path**: optional wetext TN; spell every digit run with ``inflect``'s
-   ``number_to_words``; split with token counts (the LLM's text tokenizer).
+   ``number_to_words``; split with token counts (the LLM's text tokenizer). Text with kana or hangul
+   (and no ideograph) takes the en path too, as upstream, but **never reaches wetext's English
+   grammar** (lang ``"ja"`` / ``"ko"``): that grammar fails with a bare ``AssertionError`` on a digit
+   next to a non-Latin letter (``"こんにちは123"``, ``"안녕하세요 123개"``, also ``"Привет1"``), in
+   upstream's wetext 0.0.4 as in 0.1.x (the same ``TokenParser`` assertion).
 3. **Split** (``split_paragraph``, max 80, min 60, merge 20, no comma split): append a full stop if the
    text does not end with sentence punctuation; cut after each sentence punctuation mark (a closing
    ``"``/``”`` right after it stays with the sentence); greedily pack sentences, closing a segment when
@@ -33,6 +37,9 @@ Differences from upstream, on purpose:
   outside Chinese text, ``٣``) is mapped through ``unicodedata.digit`` first, since inflect cannot read
   them; upstream would pass them through unchanged or fail.
 * ttsfrd (upstream's first choice, a closed binary package) is not supported.
+* Text with kana or hangul (and no ideograph) is not given to wetext's English grammar (upstream's
+  crashes there on a digit), and a grammar that fails on other text falls back to the rules path
+  (upstream's request fails with the grammar's bare ``AssertionError``).
 
 Normaliser backends: ``"wetext"`` uses the ``wetext`` package (>= 0.1, which bundles its FSTs in the
 wheel and works offline; upstream pins 0.0.4, which downloads the FSTs from ModelScope at first use and
@@ -41,11 +48,23 @@ with the language fixed by our own zh/en decision (0.1.x would otherwise also re
 English and would send a digits-only string to its Chinese grammar). ``"rules"`` uses the rule-based
 path only (upstream's behaviour when no normaliser is installed). ``"auto"`` (default) picks wetext
 when a usable version imports, else rules.
+
+Why digit-free English is not normalised (``"Dr. Smith"`` stays, ``"Dr. Smith has 3 cats."`` becomes
+``"doctor Smith has three cats."``): upstream's frontend calls ``en_tn_model.normalize(text)`` on every
+English text, but its pinned wetext 0.0.4 ``Normalizer.normalize`` returns the text unchanged unless it
+holds a digit (its ``wetext.py``: ``if self.operator == "itn" or re.search(...digit...)``); only wetext
+0.1.x, which upstream does not pin, rewrites every text. Doing so here would move digit-free English
+away from upstream's output (``&`` -> ``and``, ``St.`` -> ``Street``, tabs and newlines -> blanks).
+
+A normaliser that fails (an exception from the grammar) is reported as a :class:`TextError` naming the
+input; with ``errors="fallback"`` (default) it is logged as a warning and that text takes the rules
+path instead, with ``errors="raise"`` the ``TextError`` is raised.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import unicodedata
 from typing import Callable, Literal, Sequence
@@ -59,14 +78,21 @@ COMMAS = ("，", ",")
 CLOSING_QUOTES = ('"', "”")
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
+# Hiragana, katakana (+ phonetic extensions, halfwidth forms).
+_KANA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
+# Hangul jamo (+ compatibility, extended A/B, halfwidth) and syllables.
+_HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff\uffa0-\uffdc]")
 _DIGIT = re.compile(r"\d")
 _TRAILING_COMMAS = re.compile(r"[，,、]+$")
 
 Backend = Literal["auto", "wetext", "rules"]
+Script = Literal["zh", "ja", "ko", "en"]
+
+log = logging.getLogger(__name__)
 
 
 class TextError(ValueError):
-    """Text that cannot be synthesised (empty, or nothing but punctuation)."""
+    """Text that cannot be synthesised (empty, nothing but punctuation) or that a normaliser failed on."""
 
 
 def has_markup(text: str) -> bool:
@@ -77,6 +103,18 @@ def has_markup(text: str) -> bool:
 def contains_chinese(text: str) -> bool:
     """True when the text holds a CJK unified ideograph (U+4E00..U+9FFF), upstream's zh test."""
     return _CJK.search(text) is not None
+
+
+def script_of(text: str) -> Script:
+    """The text's routing script: "zh" with a CJK ideograph (upstream's test, so Japanese with kanji
+    stays on upstream's zh path), else "ja" with kana, "ko" with hangul, else "en"."""
+    if contains_chinese(text):
+        return "zh"
+    if _KANA.search(text):
+        return "ja"
+    if _HANGUL.search(text):
+        return "ko"
+    return "en"
 
 
 def is_only_punctuation(text: str) -> bool:
@@ -211,13 +249,18 @@ class TextNormalizer:
     Args:
       tokenize: text -> token ids (``CosyVoice3Tokenizer.encode``); en segments are measured in tokens.
       backend: "auto", "wetext" or "rules" (see the module docstring).
+      errors: what a failing wetext grammar does: "fallback" (default) logs a warning with the
+        :class:`TextError` and takes the rules path for that text; "raise" raises the ``TextError``.
     Raises:
       ImportError: backend="wetext" but no offline-capable wetext is installed.
     """
 
-    def __init__(self, tokenize: Callable[[str], Sequence[int]], backend: Backend = "auto"):
+    def __init__(self, tokenize: Callable[[str], Sequence[int]], backend: Backend = "auto",
+                 errors: Literal["fallback", "raise"] = "fallback"):
         if backend not in ("auto", "wetext", "rules"):
             raise ValueError(f"TextNormalizer: backend must be 'auto', 'wetext' or 'rules', got {backend!r}")
+        if errors not in ("fallback", "raise"):
+            raise ValueError(f"TextNormalizer: errors must be 'fallback' or 'raise', got {errors!r}")
         if backend == "wetext" and not wetext_available():
             raise ImportError("TextNormalizer(backend='wetext') needs wetext >= 0.1 (pip install 'wetext>=0.1'); "
                               "older versions download their grammars at runtime")
@@ -225,15 +268,33 @@ class TextNormalizer:
             backend = "wetext" if wetext_available() else "rules"
         self.tokenize = tokenize
         self.backend = backend
+        self.errors = errors
 
-    def _wetext(self, text: str, lang: str) -> str:
-        if self.backend != "wetext" or not _DIGIT.search(text):
+    def _wetext(self, text: str, script: Script) -> str:
+        # Kana and hangul never reach the English grammar (see the module docstring); upstream sends them there.
+        if self.backend != "wetext" or script in ("ja", "ko") or not _DIGIT.search(text):
             return text
         zh, en = _wetext_normalizers()
-        return (zh if lang == "zh" else en).normalize(text)
+        grammar = "zh" if script == "zh" else "en"
+        try:
+            return (zh if grammar == "zh" else en).normalize(text)
+        except Exception as e:  # the grammars signal "no path" with bare AssertionError/RuntimeError
+            detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            error = TextError(f"wetext's {grammar} grammar failed on {text[:80]!r} ({detail})")
+            if self.errors == "raise":
+                raise error from e
+            log.warning("%s; using the rule-based normalisation for this text", error)
+            return text
 
     def normalize(self, text: str) -> tuple[str, str]:
-        """Steps 1-2 only: (normalised text, lang) with lang in {"markup", "zh", "en"}."""
+        """Steps 1-2 only: (normalised text, lang) with lang in {"markup", "zh", "ja", "ko", "en"}.
+
+        "ja" and "ko" (kana or hangul, no ideograph) follow the en rules without wetext.
+
+        Raises:
+          TypeError: ``text`` is not a str.
+          TextError: empty text; a failing normaliser with ``errors="raise"``.
+        """
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
         if not text.strip():
@@ -241,7 +302,8 @@ class TextNormalizer:
         if has_markup(text):
             return text, "markup"
         text = text.strip()
-        if contains_chinese(text):
+        script = script_of(text)
+        if script == "zh":
             text = self._wetext(text, "zh")
             text = text.replace("\n", "")
             text = remove_blanks(text)
@@ -251,9 +313,9 @@ class TextNormalizer:
                 text = text.replace(mark, "")
             text = text.replace("——", " ")
             return _TRAILING_COMMAS.sub("。", text), "zh"
-        text = self._wetext(text, "en")
+        text = self._wetext(text, script)
         # inflect takes seconds to import (typeguard), so only load it when there is a number to spell.
-        return spell_out_numbers(text, lambda run: _inflect_engine().number_to_words(run)), "en"
+        return spell_out_numbers(text, lambda run: _inflect_engine().number_to_words(run)), script
 
     def __call__(self, text: str) -> list[str]:
         """Normalise and split ``text`` into the segments that are synthesised one by one.
@@ -263,7 +325,8 @@ class TextNormalizer:
         Returns:
           non-empty list of segments.
         Raises:
-          TextError: empty text, or nothing but punctuation.
+          TypeError: ``text`` is not a str.
+          TextError: empty text, nothing but punctuation, or a failing normaliser with ``errors="raise"``.
         """
         normalized, lang = self.normalize(text)
         if lang == "markup":
