@@ -51,6 +51,11 @@ def test_same_seed_same_audio_stream_or_not(tts, prompt_wav):
     stream = np.concatenate(chunks, axis=1)
     assert len(chunks) >= 2
     assert stream.shape == offline.shape  # same tokens: one key per request, whatever the chunking
+    again = _audio(tts.inference_zero_shot("Hello.", PROMPT_TEXT, prompt_wav, seed=3, stream=True))
+    assert [c.shape for c in again] == [c.shape for c in chunks]
+    np.testing.assert_array_equal(np.concatenate(again, axis=1), stream)  # no state carried between requests
+    other = np.concatenate(_audio(tts.inference_zero_shot("Hello.", PROMPT_TEXT, prompt_wav, seed=4)), axis=1)
+    assert not np.array_equal(other[:, :offline.shape[1]], offline[:, :other.shape[1]])  # the seed matters
 
 
 def test_speaker_cache_round_trip(tts, prompt_wav, tmp_path):

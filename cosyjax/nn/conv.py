@@ -6,17 +6,19 @@ weight transposed by ``convert.common.conv1d_t``) and ``bias`` [C_out].
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from cosyjax.precision import FLOAT32, Precision
 
 
 class Conv1d(nn.Module):
     """``y = conv(pad(x, (left, right)))`` on ``x`` of shape [B, T, C_in] -> [B, T', C_out].
 
     Causal convolutions are this module with ``padding=(k-1)*d, 0`` (left) or ``0, k-1`` (right).
+    The operands take ``precision``'s compute dtype and accumulate in float32; the result (bias
+    added in float32) is returned in the compute dtype.
     """
 
     features: int
@@ -26,9 +28,7 @@ class Conv1d(nn.Module):
     dilation: int = 1
     groups: int = 1
     use_bias: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = jax.lax.Precision.HIGHEST
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -36,17 +36,19 @@ class Conv1d(nn.Module):
         if in_features % self.groups:
             raise ValueError(f"Conv1d: {in_features} input channels not divisible by groups={self.groups}")
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (self.kernel_size, in_features // self.groups, self.features), self.param_dtype)
+                            (self.kernel_size, in_features // self.groups, self.features), jnp.float32)
+        dtype = self.precision.dtype
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype),
+            x.astype(dtype), kernel.astype(dtype),
             window_strides=(self.stride,),
             padding=(tuple(self.padding),),
             rhs_dilation=(self.dilation,),
             dimension_numbers=("NWC", "WIO", "NWC"),
             feature_group_count=self.groups,
-            precision=self.precision,
+            precision=self.precision.lax_precision,
+            preferred_element_type=jnp.float32,
         )  # [B, T', C_out]
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(dtype)

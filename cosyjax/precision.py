@@ -1,0 +1,128 @@
+"""One precision policy for the three stages: which dtype the matmuls and convolutions run in.
+
+``Precision`` (per stage) says what the heavy operations (Dense, Conv1d, attention products) take as
+operands: float32 at ``HIGHEST`` (the parity path: what upstream computes) or bfloat16 with float32
+accumulation (``preferred_element_type``), the accelerator path.  Everything whose error would
+grow or that is cheap stays float32 whatever the stage's dtype: norm statistics, softmax, RoPE and
+the DiT timestep embedding, the Euler state of the flow solver, the HiFT f0 predictor, the NSF
+phase (a running sum over the whole utterance), conv_post's log-magnitude and the iSTFT.  Modules
+read their stage's ``Precision`` once (``dense``, ``conv1d`` and ``einsum`` below), so the policy
+lives in one place.
+
+``PrecisionPolicy.resolve("float32" | "bfloat16" | "auto", backend)`` builds the policy:
+
+- ``float32``: today's parity numerics everywhere (``f0_float64`` on: upstream runs the f0
+  predictor in float64; only where jax offers scoped float64).
+- ``bfloat16``: all three stages in bf16 compute; ``f0_float64`` off (TPUs have no float64).
+- ``auto``: per backend, from the measurements in BENCHMARKS.md: bf16 on GPU and TPU; float32 on
+  CPU, where XLA's bf16 matrix-vector products (the LLM decode) run ~16x below float32 and the
+  flow/HiFT convolutions gained nothing measurable.
+
+Weights are stored in whatever dtype the converted checkpoint has; a stage casts them to its
+compute dtype when it runs (``cast``), so a float32 checkpoint serves both policies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16")
+POLICIES = DTYPES + ("auto",)
+STAGES = ("llm", "flow", "hift")
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How one stage runs its matmuls/convs (frozen and hashable: a static jit argument).
+
+    Attributes:
+      compute: "float32" or "bfloat16", the operand dtype of the heavy operations.
+    """
+
+    compute: str = "float32"
+
+    def __post_init__(self):
+        if self.compute not in DTYPES:
+            raise ValueError(f"Precision: compute={self.compute!r}, expected one of {DTYPES}")
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.bfloat16 if self.compute == "bfloat16" else jnp.float32
+
+    @property
+    def lax_precision(self) -> Any:
+        """HIGHEST keeps float32 products exact on every backend (TPU/GPU default to bf16/tf32 passes)."""
+        return jax.lax.Precision.HIGHEST if self.compute == "float32" else jax.lax.Precision.DEFAULT
+
+    @property
+    def is_float32(self) -> bool:
+        return self.compute == "float32"
+
+
+FLOAT32 = Precision("float32")
+BFLOAT16 = Precision("bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionPolicy:
+    """Per-stage ``Precision`` plus the f0 predictor's float64 switch (see the module docstring)."""
+
+    llm: Precision = FLOAT32
+    flow: Precision = FLOAT32
+    hift: Precision = FLOAT32
+    f0_float64: bool = True
+
+    @classmethod
+    def resolve(cls, name: str | None = "float32", backend: str | None = None) -> "PrecisionPolicy":
+        """The policy named ``name`` ("float32", "bfloat16", "auto"; None = "float32") on ``backend``
+        (a jax platform name; default: jax's default backend)."""
+        name = "float32" if name is None else str(name)
+        if name not in POLICIES:
+            raise ValueError(f"dtype={name!r}: expected one of {', '.join(POLICIES)}")
+        if name == "auto":
+            backend = backend or jax.default_backend()
+            name = "float32" if backend == "cpu" else "bfloat16"
+        if name == "float32":
+            return cls()
+        return cls(BFLOAT16, BFLOAT16, BFLOAT16, f0_float64=False)
+
+    def stage(self, name: str) -> Precision:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+        return getattr(self, name)
+
+    @property
+    def name(self) -> str:
+        """"float32", "bfloat16", or "mixed" when the stages differ."""
+        kinds = {self.llm.compute, self.flow.compute, self.hift.compute}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def cast(x: Any, precision: Precision) -> Any:
+    """``x`` (an array or a params tree) in the stage's compute dtype (float leaves only)."""
+    dtype = precision.dtype
+
+    def one(a):
+        a = jnp.asarray(a)
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree.map(one, x)
+
+
+def as_float32(x: Any) -> Any:
+    """``x`` (an array or a params tree) with every float leaf in float32."""
+    return cast(x, FLOAT32)
+
+
+def einsum(spec: str, a: Any, b: Any, precision: Precision) -> Any:
+    """``jnp.einsum`` on operands in the compute dtype, accumulated and returned in float32."""
+    return jnp.einsum(spec, a.astype(precision.dtype), b.astype(precision.dtype),
+                      precision=precision.lax_precision, preferred_element_type=jnp.float32)
+
+
+__all__ = ["BFLOAT16", "DTYPES", "FLOAT32", "POLICIES", "Precision", "PrecisionPolicy", "as_float32", "cast",
+           "einsum"]
