@@ -151,7 +151,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"cached voices: {', '.join(tts.load_spkinfo(args.spkinfo)) or '(none)'}")
     limits = {"max_text_chars": args.max_text_chars, "max_pending": args.max_pending}
     app = create_app(tts, **{k: v for k, v in limits.items() if v is not None})
-    print(f"serving {args.model_dir} ({tts.sample_rate} Hz int16 PCM, {args.dtype}, {tts.device.platform}) "
+    print(f"serving {args.model_dir} ({tts.sample_rate} Hz int16 PCM, {tts.model.policy.name}, {tts.device.platform}) "
           f"on http://{args.host}:{args.port}")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="one PRNG key per request: same seed, same audio")
     p.add_argument("--converted-dir", default=None,
                    help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="precision policy: float32 (upstream's numerics), bfloat16 (bf16 matmuls/convs, float32 "
+                        "accumulation), auto (float32 on CPU, bfloat16 on GPU/TPU; default)")
     p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
     p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
     p.add_argument("-o", "--output", required=True, help="output wav (24 kHz, written atomically)")
@@ -244,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True, help="release directory (cosyvoice3.yaml, llm.pt, flow.pt, hift.pt)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="storage dtype of the converted weights (the precision policy is chosen when running)")
     p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -265,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
     p.add_argument("--converted-dir", default=None,
                    help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="precision policy: float32 (upstream's numerics), bfloat16 (bf16 matmuls/convs, float32 "
+                        "accumulation), auto (float32 on CPU, bfloat16 on GPU/TPU; default)")
     p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
     p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
     p.add_argument("--host", default="0.0.0.0")

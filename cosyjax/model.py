@@ -89,12 +89,14 @@ import numpy as np
 from cosyjax.checkpoint import ConvertedModel, cast_params
 from cosyjax.config import ModelConfig
 from cosyjax.flow.flow import flow_inference
+from cosyjax.flow.prompt import FlowPrompt
 from cosyjax.flow.stream import FlowStreamState, flow_stream_init, flow_stream_push
 from cosyjax.hift.generator import hift_inference, hift_stream_step
 from cosyjax.hift.source import HiftNoise
 from cosyjax.hift.stream import hift_stream_init, hift_stream_push
 from cosyjax.llm import lm
 from cosyjax.llm.sampling import SamplerSettings
+from cosyjax.precision import PrecisionPolicy
 
 # CosyVoice3Model.silent_tokens: FSQ codes of silence and breath.
 SILENT_TOKENS = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)
@@ -244,14 +246,24 @@ class Request:
     text: tuple[int, ...]
     prompt_text: tuple[int, ...]
     llm_prompt_speech: tuple[int, ...]
-    flow_prompt_speech: np.ndarray  # [P] int
-    prompt_feat: np.ndarray  # [F1, C] float32
-    embedding: np.ndarray  # [E] float32
+    prompt: FlowPrompt  # the flow prompt, checked (batch of 1)
     forced_tokens: np.ndarray | None  # [N] int (LLM output stand-in)
     source_speech: np.ndarray | None  # [N] int (voice conversion)
     speed: float
     key: Any
     max_tokens: int  # LLM output cap: what the flow's noise buffer leaves after the prompt
+
+    @property
+    def flow_prompt_speech(self) -> np.ndarray:  # [P] int
+        return self.prompt.tokens[0]
+
+    @property
+    def prompt_feat(self) -> np.ndarray:  # [F1, C] float32
+        return self.prompt.feat[0]
+
+    @property
+    def embedding(self) -> np.ndarray:  # [E] float32
+        return self.prompt.embedding[0]
 
     @property
     def lm_request(self) -> lm.LMRequest:
@@ -297,8 +309,11 @@ class CosyVoice3Model:
 
     Args:
       converted: params, buffers and config (``cosyjax.checkpoint.ConvertedModel``).
-      dtype: None keeps the converted storage dtype; "float32" or "bfloat16" casts the params (the
-        LLM computes in its params' dtype; flow and HiFT always compute in float32).
+      dtype: the precision policy (``cosyjax.precision.PrecisionPolicy``): "float32" (parity),
+        "bfloat16" (every stage's matmuls/convs in bf16 with float32 accumulation), "auto" (per
+        backend: float32 on CPU, bf16 on GPU/TPU), a ``PrecisionPolicy``, or None: "float32" for a
+        float32 checkpoint, "bfloat16" for a bf16 one.  Each stage's params are cast to its compute
+        dtype once, here (the HiFT f0 predictor and NSF merge stay float32).
       sampler: LLM sampler settings; default RAS with the release's ``sampling`` section.
       hift_noise: the HiFT source's random buffers, fixed for the model like upstream's
         construction-time ``torch.rand`` buffers: None (seed 0), an int seed, a key or ``HiftNoise``.
@@ -306,7 +321,7 @@ class CosyVoice3Model:
         as upstream's never-reset hop does (see the module docstring); off by default.
       silent_filter, silent_tokens, max_silent_run: upstream's silent-token filter.
       max_hop_factor, stream_scale_factor: hop growth (upstream literals 4 and 2).
-      f0_float64: HiFT f0 net in float64 like upstream.
+      f0_float64: HiFT f0 net in float64 like upstream (default: the policy's; on for float32).
       hift_carry: stream the vocoder with carried state (``cosyjax.hift.stream``: O(chunk) work per hop;
         equal to the re-run up to buffer-size-dependent float32 rounding, tests/test_hift_stream.py).
         False re-runs the vocoder on all mel so far at every hop, as upstream does (O(total) per hop).
@@ -317,24 +332,24 @@ class CosyVoice3Model:
         the module docstring); False keeps it chunk-causal and incremental.
     """
 
-    def __init__(self, converted: ConvertedModel, dtype: str | None = None, *,
+    def __init__(self, converted: ConvertedModel, dtype: str | PrecisionPolicy | None = None, *,
                  sampler: SamplerSettings | None = None, hift_noise: Any = None,
                  upstream_hop_quirk: bool = False, silent_filter: bool = True,
                  silent_tokens: Sequence[int] = SILENT_TOKENS, max_silent_run: int = MAX_SILENT_RUN,
                  max_hop_factor: int = MAX_HOP_FACTOR, stream_scale_factor: int = STREAM_SCALE_FACTOR,
-                 f0_float64: bool = True, hift_carry: bool = True, flow_carry: bool = True,
+                 f0_float64: bool | None = None, hift_carry: bool = True, flow_carry: bool = True,
                  final_full_attention: bool = True):
-        if dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(f"dtype={dtype!r}: expected None, 'float32' or 'bfloat16'")
         for stage in ("llm", "flow", "hift"):
             if stage not in converted.params:
                 raise ValueError(f"converted model has no {stage!r} params")
         if "flow_rand_noise" not in converted.buffers:
             raise ValueError("converted model has no 'flow_rand_noise' buffer")
         self.config = converted.config
-        self.dtype = dtype or converted.dtype
-        # float leaves take the compute dtype, except checkpoint.FLOAT32_ONLY (the HiFT f0 path)
-        self.params = {stage: jax.tree.map(jnp.asarray, cast_params(converted.params[stage], self.dtype, (stage,)))
+        self.policy = (dtype if isinstance(dtype, PrecisionPolicy)
+                       else PrecisionPolicy.resolve(dtype if dtype is not None else converted.dtype))
+        # float leaves take the stage's compute dtype, except checkpoint.FLOAT32_ONLY (the HiFT f0 path)
+        self.params = {stage: jax.tree.map(jnp.asarray, cast_params(converted.params[stage],
+                                                                    self.policy.stage(stage).compute, (stage,)))
                        for stage in ("llm", "flow", "hift")}
         self.flow_noise = np.asarray(converted.buffers["flow_rand_noise"], np.float32)
         self.sampler = sampler or SamplerSettings.from_config(self.config.llm.sampling)
@@ -347,7 +362,7 @@ class CosyVoice3Model:
         self.silent_filter = silent_filter
         self.silent_tokens = tuple(int(t) for t in silent_tokens)
         self.max_silent_run = max_silent_run
-        self.f0_float64 = f0_float64
+        self.f0_float64 = self.policy.f0_float64 if f0_float64 is None else bool(f0_float64)
         self.hift_carry = hift_carry
         self.flow_carry = flow_carry
         self.final_full_attention = final_full_attention
@@ -387,35 +402,26 @@ class CosyVoice3Model:
             req = lm.LMRequest(tuple(int(t) for t in text), tuple(int(t) for t in prompt_text),
                                tuple(int(t) for t in llm_prompt), max_tokens=room)
             lm.validate_request(cfg.llm, req)  # empty text / id ranges
-        for name, ids in (("flow_prompt_speech_tokens", flow_prompt), ("forced_tokens", forced),
-                          ("source_speech_tokens", source)):
+        for name, ids in (("forced_tokens", forced), ("source_speech_tokens", source)):
             if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.flow.vocab_size):
                 raise ValueError(f"{name}: ids must lie in [0, {cfg.flow.vocab_size}), found "
                                  f"[{int(ids.min())}, {int(ids.max())}]")
-        feat = np.zeros((0, c), np.float32) if prompt_feat is None else np.asarray(prompt_feat)
-        if feat.ndim == 3 and feat.shape[0] == 1:
-            feat = feat[0]
-        if feat.ndim != 2 or feat.shape[1] != c:
-            raise ValueError(f"prompt_feat: expected [frames, {c}] time-major mel, found shape {feat.shape}")
-        if not np.isfinite(feat).all():
-            raise ValueError("prompt_feat: contains NaN or inf")
         if embedding is None:
             raise ValueError(f"embedding: required, a [{cfg.flow.spk_embed_dim}] speaker embedding")
-        emb = np.asarray(embedding, np.float32)
-        if emb.ndim == 2 and emb.shape[0] == 1:
-            emb = emb[0]
-        if emb.shape != (cfg.flow.spk_embed_dim,):
-            raise ValueError(f"embedding: expected shape ({cfg.flow.spk_embed_dim},), found {np.shape(embedding)}")
-        if not np.isfinite(emb).all():
-            raise ValueError("embedding: contains NaN or inf")
+        feat = np.zeros((0, c), np.float32) if prompt_feat is None else np.asarray(prompt_feat)
+        emb = np.asarray(embedding)
+        try:  # one request: [F, C] / [E] (or upstream's leading batch of 1), checked once as a FlowPrompt
+            prompt = FlowPrompt.check(cfg.flow, flow_prompt[None], feat if feat.ndim == 3 else feat[None],
+                                      emb if emb.ndim == 2 else emb[None])
+        except ValueError as e:
+            raise ValueError(str(e).replace("prompt_token", "flow_prompt_speech_tokens")) from None
         if not (isinstance(speed, (int, float)) and not isinstance(speed, bool) and speed > 0 and math.isfinite(speed)):
             raise ValueError(f"speed={speed!r}: expected a positive number")
         if stream and speed != 1.0:
             # upstream: assert token_offset == 0 and finalize is True, 'speed change only support non-stream ...'
             raise ValueError(f"speed={speed} is only supported with stream=False (upstream asserts this)")
         return Request(tuple(int(t) for t in text), tuple(int(t) for t in prompt_text),
-                       tuple(int(t) for t in llm_prompt), flow_prompt, feat.astype(np.float32), emb,
-                       forced, source, float(speed), _as_key(key), room)
+                       tuple(int(t) for t in llm_prompt), prompt, forced, source, float(speed), _as_key(key), room)
 
     # ---------------------------------------------------------------- stages
     def _filter(self, vc: bool) -> SilentTokenFilter:
@@ -430,20 +436,22 @@ class CosyVoice3Model:
             yield req.forced_tokens, True
             return
         keys = req.key[None]
-        state = lm.start(self.params["llm"], self.config.llm, [req.lm_request], keys, self.sampler)
+        state = lm.start(self.params["llm"], self.config.llm, [req.lm_request], keys, self.sampler,
+                         precision=self.policy.llm)
         if bool(np.asarray(state.done)[0]):
             yield np.zeros(0, np.int64), True
             return
-        for new, state, _ in lm.stream(self.params["llm"], self.config.llm, state, self.sampler, chunk_size=chunk):
+        for new, state, _ in lm.stream(self.params["llm"], self.config.llm, state, self.sampler, chunk_size=chunk,
+                                       precision=self.policy.llm):
             yield np.asarray(new[0], np.int64), bool(np.asarray(state.done)[0])
 
     def _flow(self, tokens: Sequence[int], req: Request, calls: list, *, streaming: bool, finalize: bool
               ) -> np.ndarray:
         """flow_inference for one request -> mel [1, T, C] (numpy); the call is logged in ``calls``."""
         calls.append((len(tokens), int(streaming), int(finalize)))
-        mel = flow_inference(self.params["flow"], np.asarray(tokens, np.int64)[None],
-                             req.flow_prompt_speech[None], req.prompt_feat[None], req.embedding[None],
-                             cfg=self.config.flow, noise=self.flow_noise, streaming=streaming, finalize=finalize)
+        mel = flow_inference(self.params["flow"], np.asarray(tokens, np.int64)[None], prompt=req.prompt,
+                             cfg=self.config.flow, noise=self.flow_noise, streaming=streaming, finalize=finalize,
+                             precision=self.policy.flow)
         return np.asarray(mel)
 
     def _flow_hop(self, tokens: Sequence[int], req: Request, calls: list, state: FlowStreamState | None,
@@ -453,7 +461,8 @@ class CosyVoice3Model:
             return self._flow(tokens, req, calls, streaming=True, finalize=finalize)[:, out_from:]
         calls.append((len(tokens), 1, int(finalize)))
         mel, _ = flow_stream_push(self.params["flow"], state, np.asarray(tokens, np.int64)[None], cfg=self.config.flow,
-                                  noise=self.flow_noise, finalize=finalize, out_from=out_from)
+                                  noise=self.flow_noise, finalize=finalize, out_from=out_from,
+                                  precision=self.policy.flow)
         return mel
 
     def _hift(self, mel: np.ndarray, finalize: bool) -> np.ndarray:
@@ -552,9 +561,10 @@ class CosyVoice3Model:
         pad = sched.pad(hop, num_prompt)
         offset = 0
         mel_all = np.zeros((1, 0, self.config.flow.output_size), np.float32)
-        flow_state = (flow_stream_init(self.config.flow, req.flow_prompt_speech[None], req.prompt_feat[None],
-                                       req.embedding[None], capacity=req.prompt_feat.shape[0] + 4 * sched.base
-                                       * sched.token_mel_ratio) if self.flow_carry else None)
+        flow_state = (flow_stream_init(self.config.flow, prompt=req.prompt,
+                                       capacity=req.prompt_feat.shape[0] + 4 * sched.base
+                                       * sched.token_mel_ratio, cache_dtype=self.policy.flow.dtype)
+                      if self.flow_carry else None)
         emitted = 0
         vocoder = hift_stream_init(self.config.hift, 1, noise=self.hift_noise) if self.hift_carry else None
         hops: list[int] = []
@@ -632,7 +642,7 @@ class CosyVoice3Model:
             lm_reqs = [reqs[i].lm_request for i in llm_rows]
             keys_arr = jnp.stack([reqs[i].key for i in llm_rows])
             gens = lm.generate(self.params["llm"], self.config.llm, lm_reqs, keys_arr, self.sampler,
-                               chunk_size=self.schedule.base)
+                               chunk_size=self.schedule.base, precision=self.policy.llm)
             for i, g in zip(llm_rows, gens):
                 raw[i] = g.tokens.astype(np.int64)
         for i, q in enumerate(reqs):
@@ -659,9 +669,10 @@ class CosyVoice3Model:
         tlen = np.asarray([tokens[i].size for i in rows])
         plen = np.asarray([reqs[i].flow_prompt_speech.size for i in rows])
         flen = np.asarray([reqs[i].prompt_feat.shape[0] for i in rows])
-        mel = np.asarray(flow_inference(self.params["flow"], tok, ptok, feat, emb, cfg=self.config.flow,
-                                        noise=self.flow_noise, streaming=False, finalize=True, token_len=tlen,
-                                        prompt_token_len=plen, prompt_feat_len=flen))
+        # Each row's prompt was checked with its request; this is their padded batch.
+        prompt = FlowPrompt(ptok, feat, emb, plen, flen)
+        mel = flow_inference(self.params["flow"], tok, cfg=self.config.flow, noise=self.flow_noise, streaming=False,
+                             finalize=True, token_len=tlen, prompt=prompt, precision=self.policy.flow)
         mel_len = self.config.flow.token_mel_ratio * (plen + tlen) - flen
         mels = []
         for b, i in enumerate(rows):

@@ -45,6 +45,7 @@ import numpy as np
 
 from cosyjax.checkpoint import CONVERTED_SUBDIR, CheckpointError, load_converted
 from cosyjax.config import QWEN_DIR, load_model_config
+from cosyjax.precision import PrecisionPolicy
 from cosyjax.frontend.tokenizer import ENDOFPROMPT
 
 DEFAULT_HUB_ID = "FunAudioLLM/Fun-CosyVoice3-0.5B-2512"
@@ -262,7 +263,10 @@ class CosyVoice3:
     Args:
       model_dir: a release directory (cosyvoice3.yaml, llm/flow/hift.pt, CosyVoice-BlankEN/,
         campplus.onnx, speech_tokenizer_v3.onnx).
-      dtype: "float32" or "bfloat16" (LLM weights and activations; flow/HiFT compute in float32).
+      dtype: the precision policy for the whole pipeline (``cosyjax.precision``): "float32" (upstream's
+        numerics), "bfloat16" (every stage's matmuls/convs in bf16, float32 accumulation) or "auto"
+        (float32 on CPU, bf16 on GPU/TPU).  The release is converted (and cached) in float32 once;
+        the model casts each stage to its compute dtype when it loads.
       converted_dir: an existing ``cosyjax convert`` output; default: convert on first use and cache.
       llm_file: the LLM checkpoint converted on first use: "llm.pt" (upstream's choice) or the
         release's RL-tuned "llm.rl.pt" (ignored with ``converted_dir``, which holds what it was made from).
@@ -275,7 +279,7 @@ class CosyVoice3:
       model_options: passed to ``CosyVoice3Model`` (sampler, upstream quirk switches, ...).
     """
 
-    def __init__(self, model_dir: str, *, dtype: str = "float32", converted_dir: str | None = None,
+    def __init__(self, model_dir: str, *, dtype: str = "auto", converted_dir: str | None = None,
                  llm_file: str = "llm.pt", backend: str | None = None, frontend: str = "onnx",
                  frontend_dir: str | None = None, onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",),
                  progress: bool = True, **model_options: Any):
@@ -307,14 +311,15 @@ class CosyVoice3:
                                                         providers=onnx_providers)
             self.speaker_encoder = SpeakerEncoderONNX(os.path.join(model_dir, SPEAKER_ENCODER),
                                                       providers=onnx_providers)
-        converted = load_converted(converted_dir or ensure_converted(model_dir, dtype, llm_file=llm_file,
+        converted = load_converted(converted_dir or ensure_converted(model_dir, "float32", llm_file=llm_file,
                                                                      progress=progress))
         with jax.default_device(self.device):
-            self.model = CosyVoice3Model(converted, dtype, **model_options)
+            self.model = CosyVoice3Model(converted, PrecisionPolicy.resolve(dtype, self.device.platform),
+                                         **model_options)
         self.spk2info: dict[str, Any] = {}
 
     @classmethod
-    def from_pretrained(cls, model_dir_or_hub_id: str = DEFAULT_HUB_ID, *, dtype: str = "float32",
+    def from_pretrained(cls, model_dir_or_hub_id: str = DEFAULT_HUB_ID, *, dtype: str = "auto",
                         backend: str | None = None, cache_dir: str | None = None, **kwargs: Any) -> "CosyVoice3":
         """Load a local release directory or download a Hub id (``FunAudioLLM/Fun-CosyVoice3-0.5B-2512``)."""
         return cls(resolve_model_dir(model_dir_or_hub_id, cache_dir=cache_dir), dtype=dtype, backend=backend,

@@ -5,9 +5,10 @@ operands: float32 at ``HIGHEST`` (the parity path: what upstream computes) or bf
 accumulation (``preferred_element_type``), the accelerator path.  Everything whose error would
 grow or that is cheap stays float32 whatever the stage's dtype: norm statistics, softmax, RoPE and
 the DiT timestep embedding, the Euler state of the flow solver, the HiFT f0 predictor, the NSF
-phase (a running sum over the whole utterance), conv_post's log-magnitude and the iSTFT.  Modules
-read their stage's ``Precision`` once (``dense``, ``conv1d`` and ``einsum`` below), so the policy
-lives in one place.
+phase (a running sum over the whole utterance), conv_post's log-magnitude and the iSTFT.  The
+heavy operations exist once each, in ``cosyjax.nn`` (``Dense``, ``Conv1d``, ``attention``) and
+``einsum`` below, and take the stage's ``Precision``, so the policy is applied in one place; their
+results are float32.
 
 ``PrecisionPolicy.resolve("float32" | "bfloat16" | "auto", backend)`` builds the policy:
 
@@ -15,8 +16,10 @@ lives in one place.
   predictor in float64; only where jax offers scoped float64).
 - ``bfloat16``: all three stages in bf16 compute; ``f0_float64`` off (TPUs have no float64).
 - ``auto``: per backend, from the measurements in BENCHMARKS.md: bf16 on GPU and TPU; float32 on
-  CPU, where XLA's bf16 matrix-vector products (the LLM decode) run ~16x below float32 and the
-  flow/HiFT convolutions gained nothing measurable.
+  CPU, where XLA's bf16 matrix-vector products (the LLM decode) run ~16x below float32.
+
+Attention runs materialised ("xla") on CPU, where that is both the fastest and upstream's exact
+numerics, and blockwise (never holding the [B, N, T, S] scores) on accelerators.
 
 Weights are stored in whatever dtype the converted checkpoint has; a stage casts them to its
 compute dtype when it runs (``cast``), so a float32 checkpoint serves both policies.
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 DTYPES = ("float32", "bfloat16")
 POLICIES = DTYPES + ("auto",)
 STAGES = ("llm", "flow", "hift")
+ATTENTION = ("xla", "blockwise", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +45,20 @@ class Precision:
 
     Attributes:
       compute: "float32" or "bfloat16", the operand dtype of the heavy operations.
+      attention: how attention runs (``cosyjax.nn.attention``): "xla" (the scores materialised,
+        upstream's numerics; the CPU path), "blockwise" (online softmax over key blocks: never holds
+        [B, N, T, S] scores; the accelerator default) or "cudnn" (``jax.nn.dot_product_attention``'s
+        cuDNN kernel, GPU only).
     """
 
     compute: str = "float32"
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.compute not in DTYPES:
             raise ValueError(f"Precision: compute={self.compute!r}, expected one of {DTYPES}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"Precision: attention={self.attention!r}, expected one of {ATTENTION}")
 
     @property
     def dtype(self) -> Any:
@@ -83,12 +94,15 @@ class PrecisionPolicy:
         name = "float32" if name is None else str(name)
         if name not in POLICIES:
             raise ValueError(f"dtype={name!r}: expected one of {', '.join(POLICIES)}")
+        backend = backend or jax.default_backend()
         if name == "auto":
-            backend = backend or jax.default_backend()
             name = "float32" if backend == "cpu" else "bfloat16"
+        attention = "xla" if backend == "cpu" else "blockwise"
         if name == "float32":
-            return cls()
-        return cls(BFLOAT16, BFLOAT16, BFLOAT16, f0_float64=False)
+            f32 = Precision("float32", attention)
+            return cls(f32, f32, f32)
+        bf16 = Precision("bfloat16", attention)
+        return cls(bf16, bf16, bf16, f0_float64=False)
 
     def stage(self, name: str) -> Precision:
         if name not in STAGES:

@@ -423,7 +423,7 @@ def create_app(model: "CosyVoice3", *, max_text_chars: int = DEFAULT_MAX_TEXT_CH
         device = getattr(model, "device", None)
         return {"status": "ok", "model": "CosyVoice3", "sample_rate": sample_rate, "channels": CHANNELS,
                 "sample_format": SAMPLE_FORMAT,
-                "dtype": str(getattr(getattr(model, "model", None), "dtype", "unknown")),
+                "dtype": getattr(getattr(getattr(model, "model", None), "policy", None), "name", "unknown"),
                 "backend": getattr(device, "platform", "unknown"), "device": str(device),
                 "speakers": sorted(getattr(model, "spk2info", {})), "pending": worker.pending,
                 "max_pending": max_pending, "max_text_chars": max_text_chars}

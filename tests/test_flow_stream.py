@@ -18,11 +18,11 @@ from cosyjax.flow.stream import cache_bytes_per_frame, flow_stream_init, flow_st
 from cosyjax.model import CosyVoice3Model
 from cosyjax.parity.error_model import probe_tolerance
 
-from conftest import case_dirs
+from conftest import cases_with_group
 
 
 
-@pytest.fixture(scope="module", params=case_dirs()[:2], ids=lambda d: d.rsplit("/", 1)[-1])
+@pytest.fixture(scope="module", params=cases_with_group("flow")[:2], ids=lambda d: d.rsplit("/", 1)[-1])
 def flow_model(request):
     from cosyjax.convert import convert_model
     from cosyjax.parity.case import load_case

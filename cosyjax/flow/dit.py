@@ -9,6 +9,10 @@ The attention reproduces x-transformers 2.11.24 ``apply_rotary_pos_emb`` as DiT 
 rotary is applied to the full-width q and k *before* the head split, with ``rot_dim = dim_head``,
 so only channels ``0..dim_head-1`` (head 0) are rotated, in interleaved (GPT-J) pairs.
 
+Precision: the matmuls and convolutions take the flow stage's ``Precision`` (``cosyjax.precision``);
+layer norms, the AdaLN modulations and the timestep embedding (Linear layers on ``temb`` only, B
+rows), the rotary, the softmax and the residual stream stay float32.
+
 Legend: B batch, T query frames, S key frames, N heads, H head dim, D model width, C mel bins.
 """
 
@@ -22,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cosyjax.nn.conv import Conv1d
+from cosyjax.nn import Conv1d, Dense
+from cosyjax.nn.attention import attention
+from cosyjax.precision import FLOAT32, Precision
 
 Array = jax.Array
-HIGHEST = jax.lax.Precision.HIGHEST
 LN_EPS = 1e-6  # every LayerNorm in the DiT: nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
@@ -115,8 +120,8 @@ class TimestepEmbedding(nn.Module):
         freqs = jnp.asarray(timestep_frequencies(self.freq_dim))
         arg = (1000.0 * t.astype(jnp.float32))[:, None] * freqs[None, :]  # [B, F/2]
         emb = jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)  # [B, F]
-        h = nn.Dense(self.dim, precision=HIGHEST, name="time_mlp_0")(emb)
-        return nn.Dense(self.dim, precision=HIGHEST, name="time_mlp_2")(nn.silu(h))
+        h = Dense(self.dim, name="time_mlp_0")(emb)
+        return Dense(self.dim, name="time_mlp_2")(nn.silu(h))
 
 
 class CausalConvPositionEmbedding(nn.Module):
@@ -125,6 +130,7 @@ class CausalConvPositionEmbedding(nn.Module):
     dim: int
     kernel_size: int
     groups: int
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array, tails: tuple[Array, Array] | None = None, valid: Array | None = None
@@ -139,12 +145,14 @@ class CausalConvPositionEmbedding(nn.Module):
         new_tails = []
         for i, name in enumerate(("conv1", "conv2")):
             if tails is None:
-                x = mish(Conv1d(self.dim, self.kernel_size, padding=(pad, 0), groups=self.groups, name=name)(x))
+                x = mish(Conv1d(self.dim, self.kernel_size, padding=(pad, 0), groups=self.groups,
+                                precision=self.precision, name=name)(x))
                 continue
             full = jnp.concatenate([tails[i].astype(x.dtype), x], axis=1)  # [B, K-1+T, D]
             index = valid[:, None] + jnp.arange(pad)[None, :]  # frames valid-K+1 .. valid-1 of x
             new_tails.append(jnp.take_along_axis(full, index[..., None], axis=1))
-            x = mish(Conv1d(self.dim, self.kernel_size, padding=(0, 0), groups=self.groups, name=name)(full))
+            x = mish(Conv1d(self.dim, self.kernel_size, padding=(0, 0), groups=self.groups,
+                            precision=self.precision, name=name)(full))
         return x, (tuple(new_tails) if tails is not None else None)
 
 
@@ -154,14 +162,16 @@ class InputEmbedding(nn.Module):
     dim: int
     conv_pos_kernel: int
     conv_pos_groups: int
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array, cond: Array, mu: Array, spks: Array, tails=None, valid=None):
         """-> h [B, T, D], or (h, new conv tails) when ``tails`` is given (incremental use)."""
         spks = jnp.broadcast_to(spks[:, None, :], x.shape[:2] + spks.shape[-1:])  # [B, T, C_spk]
-        h = nn.Dense(self.dim, precision=HIGHEST, name="proj")(jnp.concatenate([x, cond, mu, spks], axis=-1))
+        h = Dense(self.dim, precision=self.precision, name="proj")(jnp.concatenate(
+            [a.astype(jnp.float32) for a in (x, cond, mu, spks)], axis=-1))
         pos, new_tails = CausalConvPositionEmbedding(self.dim, self.conv_pos_kernel, self.conv_pos_groups,
-                                                     name="conv_pos_embed")(h, tails, valid)
+                                                     self.precision, name="conv_pos_embed")(h, tails, valid)
         return pos + h if tails is None else (pos + h, new_tails)
 
 
@@ -172,6 +182,7 @@ class Attention(nn.Module):
     heads: int
     dim_head: int
     dropout: float = 0.0
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool = True,
@@ -183,9 +194,9 @@ class Attention(nn.Module):
         """
         batch, frames = x.shape[:2]
         inner = self.heads * self.dim_head
-        q = nn.Dense(inner, precision=HIGHEST, name="to_q")(x)  # [B, T, N*H]
-        k = nn.Dense(inner, precision=HIGHEST, name="to_k")(x)
-        v = nn.Dense(inner, precision=HIGHEST, name="to_v")(x)
+        q = Dense(inner, precision=self.precision, name="to_q")(x)  # [B, T, N*H]
+        k = Dense(inner, precision=self.precision, name="to_k")(x)
+        v = Dense(inner, precision=self.precision, name="to_v")(x)
         # x-transformers rotates before the head split, rot_dim = dim_head: only head 0 rotates.
         q = apply_interleaved_rotary(q, positions, self.dim_head)
         k = apply_interleaved_rotary(k, positions, self.dim_head)
@@ -196,13 +207,10 @@ class Attention(nn.Module):
         if past is not None:
             keys = jnp.concatenate([past[0].astype(k.dtype), k], axis=1)
             values = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
-        scores = jnp.einsum("btnh,bsnh->bnts", q, keys, precision=HIGHEST) * (1.0 / math.sqrt(self.dim_head))
-        scores = jnp.where(mask[:, None, :, :], scores.astype(jnp.float32), -jnp.inf)  # [B, N, T, S]
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnts,bsnh->btnh", probs, values, precision=HIGHEST).reshape(batch, frames, inner)
+        out = attention(q, keys, values, mask, scale=1.0 / math.sqrt(self.dim_head), precision=self.precision)
         # Upstream then zeroes rows where mask[:, 0, -1] is False; that only matters for its own
         # right-padded batches (never used at inference), so it is left out.
-        out = nn.Dense(self.dim, precision=HIGHEST, name="to_out_0")(out)
+        out = Dense(self.dim, precision=self.precision, name="to_out_0")(out.reshape(batch, frames, inner))
         return nn.Dropout(self.dropout)(out, deterministic=deterministic), k, v
 
 
@@ -212,13 +220,14 @@ class FeedForward(nn.Module):
     dim: int
     mult: int
     dropout: float = 0.0
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        h = nn.Dense(self.dim * self.mult, precision=HIGHEST, name="ff_0_0")(x)
+        h = Dense(self.dim * self.mult, precision=self.precision, name="ff_0_0")(x)
         h = jax.nn.gelu(h, approximate=True)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        return nn.Dense(self.dim, precision=HIGHEST, name="ff_2")(h)
+        return Dense(self.dim, precision=self.precision, name="ff_2")(h)
 
 
 class AdaLayerNormZero(nn.Module):
@@ -228,7 +237,7 @@ class AdaLayerNormZero(nn.Module):
 
     @nn.compact
     def __call__(self, temb: Array) -> tuple[Array, ...]:
-        emb = nn.Dense(6 * self.dim, precision=HIGHEST, name="linear")(nn.silu(temb))  # [B, 6D]
+        emb = Dense(6 * self.dim, name="linear")(nn.silu(temb))  # [B, 6D]
         return tuple(jnp.split(emb, 6, axis=-1))
 
 
@@ -239,7 +248,7 @@ class AdaLayerNormZeroFinal(nn.Module):
 
     @nn.compact
     def __call__(self, temb: Array) -> tuple[Array, Array]:
-        emb = nn.Dense(2 * self.dim, precision=HIGHEST, name="linear")(nn.silu(temb))  # [B, 2D]
+        emb = Dense(2 * self.dim, name="linear")(nn.silu(temb))  # [B, 2D]
         scale, shift = jnp.split(emb, 2, axis=-1)
         return scale, shift
 
@@ -252,6 +261,7 @@ class DiTBlock(nn.Module):
     dim_head: int
     ff_mult: int
     dropout: float = 0.0
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array, temb: Array, mask: Array, positions: Array, deterministic: bool = True,
@@ -260,11 +270,12 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLayerNormZero(
             self.dim, name="attn_norm")(temb)
         norm = layer_norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        attn, k, v = Attention(self.dim, self.heads, self.dim_head, self.dropout, name="attn")(
+        attn, k, v = Attention(self.dim, self.heads, self.dim_head, self.dropout, self.precision, name="attn")(
             norm, mask, positions, deterministic, past)
         x = x + gate_msa[:, None] * attn
         norm = layer_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        x = x + gate_mlp[:, None] * FeedForward(self.dim, self.ff_mult, self.dropout, name="ff")(norm, deterministic)
+        x = x + gate_mlp[:, None] * FeedForward(self.dim, self.ff_mult, self.dropout, self.precision, name="ff")(
+            norm, deterministic)
         return x, k, v
 
 
@@ -286,6 +297,7 @@ class DiT(nn.Module):
     conv_pos_groups: int
     static_chunk_size: int
     dropout: float = 0.0  # upstream trains with 0.1 (DiT default); inference is deterministic
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array, mu: Array, t: Array, spks: Array, cond: Array, lengths: Array,
@@ -304,7 +316,8 @@ class DiT(nn.Module):
         """
         frames = x.shape[1]
         temb = TimestepEmbedding(self.dim, self.time_freq_dim, name="time_embed")(t)  # [B, D]
-        embed = InputEmbedding(self.dim, self.conv_pos_kernel, self.conv_pos_groups, name="input_embed")
+        embed = InputEmbedding(self.dim, self.conv_pos_kernel, self.conv_pos_groups, self.precision,
+                               name="input_embed")
         if cache is None:
             h = embed(x, cond, mu, spks)  # [B, T, D]
             mask = attention_mask(lengths, frames, self.static_chunk_size, streaming)
@@ -325,13 +338,13 @@ class DiT(nn.Module):
         ks, vs = [], []
         for i in range(self.depth):
             past = None if cache is None else (cache["k"][i], cache["v"][i])
-            h, k, v = DiTBlock(self.dim, self.heads, self.dim_head, self.ff_mult, self.dropout,
+            h, k, v = DiTBlock(self.dim, self.heads, self.dim_head, self.ff_mult, self.dropout, self.precision,
                                name=f"transformer_blocks_{i}")(h, temb, mask, positions, deterministic, past)
             ks.append(k)
             vs.append(v)
         scale, shift = AdaLayerNormZeroFinal(self.dim, name="norm_out")(temb)
         h = layer_norm(h) * (1 + scale[:, None]) + shift[:, None]
-        out = nn.Dense(self.mel_dim, precision=HIGHEST, name="proj_out")(h)
+        out = Dense(self.mel_dim, precision=self.precision, name="proj_out")(h)
         if cache is None:
             return out
         return out, {"k": jnp.stack(ks), "v": jnp.stack(vs), "tail1": tails[0], "tail2": tails[1]}

@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosyjax.config import FlowConfig
-from cosyjax.flow.dit import HIGHEST, DiT
-from cosyjax.flow.solver import solve_euler_cfg
-from cosyjax.nn.conv import Conv1d
+from cosyjax.flow.dit import DiT
+from cosyjax.flow.prompt import FlowPrompt, int_rows, row_lengths
+from cosyjax.flow.solver import cfg_batch, solve_euler_cfg
+from cosyjax.nn import Conv1d, Dense
+from cosyjax.precision import FLOAT32, Precision
 
 Array = jax.Array
 LEAKY_SLOPE = 0.01  # F.leaky_relu default in PreLookaheadLayer
@@ -42,13 +44,15 @@ class PreLookaheadLayer(nn.Module):
 
     channels: int
     lookahead: int
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = Conv1d(self.channels, self.lookahead + 1, padding=(0, self.lookahead), name="conv1")(x)
+        h = Conv1d(self.channels, self.lookahead + 1, padding=(0, self.lookahead), precision=self.precision,
+                   name="conv1")(x)
         h = jax.nn.leaky_relu(h, LEAKY_SLOPE)
-        h = Conv1d(x.shape[-1], 3, padding=(2, 0), name="conv2")(h)
-        return h + x
+        h = Conv1d(x.shape[-1], 3, padding=(2, 0), precision=self.precision, name="conv2")(h)
+        return h + x.astype(jnp.float32)
 
 
 class Flow(nn.Module):
@@ -69,21 +73,24 @@ class Flow(nn.Module):
     conv_pos_groups: int
     static_chunk_size: int
     dropout: float = 0.0  # active only in ``estimate(..., deterministic=False)`` (training)
+    precision: Precision = FLOAT32
 
     def setup(self):
         self.input_embedding = nn.Embed(self.vocab_size, self.input_size)
-        self.spk_embed_affine_layer = nn.Dense(self.output_size, precision=HIGHEST)
-        self.pre_lookahead_layer = PreLookaheadLayer(self.pre_lookahead_channels, self.pre_lookahead_len)
+        self.spk_embed_affine_layer = Dense(self.output_size)  # one row per request: float32
+        self.pre_lookahead_layer = PreLookaheadLayer(self.pre_lookahead_channels, self.pre_lookahead_len,
+                                                     self.precision)
         self.estimator = DiT(self.dim, self.depth, self.heads, self.dim_head, self.ff_mult, self.output_size,
                              self.time_freq_dim, self.conv_pos_kernel, self.conv_pos_groups,
-                             self.static_chunk_size, self.dropout)
+                             self.static_chunk_size, self.dropout, self.precision)
 
     def encode(self, tokens: Array, token_mask: Array, embedding: Array) -> tuple[Array, Array]:
         """tokens [B, N] int, token_mask [B, N] bool, embedding [B, E] -> (spks [B, C], h [B, N, C])."""
         # F.normalize(dim=1): x / max(||x||, 1e-12)
+        embedding = embedding.astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(jnp.square(embedding), axis=-1, keepdims=True))
         spks = self.spk_embed_affine_layer(embedding / jnp.maximum(norm, 1e-12))
-        x = self.input_embedding(jnp.maximum(tokens, 0)) * token_mask[..., None].astype(jnp.float32)
+        x = self.input_embedding(jnp.maximum(tokens, 0)).astype(jnp.float32) * token_mask[..., None]
         return spks, self.pre_lookahead_layer(x)
 
     def estimate(self, x: Array, mu: Array, t: Array, spks: Array, cond: Array, lengths: Array,
@@ -101,14 +108,14 @@ class Flow(nn.Module):
         return self.estimate(x, h, jnp.zeros((x.shape[0],)), spks, h, lengths)
 
 
-def make_flow(cfg: FlowConfig) -> Flow:
-    """The Flow module for a config (every dimension from ``cfg``)."""
+def make_flow(cfg: FlowConfig, precision: Precision = FLOAT32) -> Flow:
+    """The Flow module for a config (every dimension from ``cfg``), computing under ``precision``."""
     return Flow(vocab_size=cfg.vocab_size, input_size=cfg.input_size, output_size=cfg.output_size,
                 pre_lookahead_channels=cfg.pre_lookahead_channels, pre_lookahead_len=cfg.pre_lookahead_len,
                 dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head, ff_mult=cfg.ff_mult,
                 time_freq_dim=cfg.time_freq_dim, conv_pos_kernel=cfg.conv_pos_kernel,
                 conv_pos_groups=cfg.conv_pos_groups, static_chunk_size=cfg.static_chunk_size,
-                dropout=cfg.dropout)
+                dropout=cfg.dropout, precision=precision)
 
 
 def param_shapes(cfg: FlowConfig) -> dict[str, Any]:
@@ -121,56 +128,53 @@ def param_shapes(cfg: FlowConfig) -> dict[str, Any]:
     return variables["params"]
 
 
-def _as_f32(params: Mapping[str, Any]) -> Any:
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-
-
 # --------------------------------------------------------------------------------------------
 # Jitted pieces (also used by the parity runner)
 # --------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg", "precision"))
 def flow_encode(params: Mapping[str, Any], tokens: Array, token_mask: Array, embedding: Array, *,
-                cfg: FlowConfig) -> tuple[Array, Array]:
+                cfg: FlowConfig, precision: Precision = FLOAT32) -> tuple[Array, Array]:
     """Front half: tokens [B, N] (prompt + target), token_mask [B, N], embedding [B, E] ->
     (spk_proj [B, C], h [B, N, C]); with finalize=False only the first N - pre_lookahead_len frames of h
     are upstream's h."""
-    return make_flow(cfg).apply({"params": _as_f32(params)}, tokens, token_mask, embedding, method=Flow.encode)
+    return make_flow(cfg, precision).apply({"params": params}, tokens, token_mask, embedding, method=Flow.encode)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "streaming"))
+@functools.partial(jax.jit, static_argnames=("cfg", "streaming", "precision"))
 def estimator_forward(params: Mapping[str, Any], x: Array, mu: Array, t: Array, spks: Array, cond: Array,
-                      lengths: Array, *, cfg: FlowConfig, streaming: bool) -> Array:
+                      lengths: Array, *, cfg: FlowConfig, streaming: bool, precision: Precision = FLOAT32) -> Array:
     """DiT alone: x, mu, cond [B, T, C], t [B], spks [B, C], lengths [B] -> velocity [B, T, C]."""
-    return make_flow(cfg).apply({"params": _as_f32(params)}, x, mu, t, spks, cond, lengths, streaming,
-                                method=Flow.estimate)
+    return make_flow(cfg, precision).apply({"params": params}, x, mu, t, spks, cond, lengths, streaming,
+                                           method=Flow.estimate)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "streaming", "trajectory"))
+@functools.partial(jax.jit, static_argnames=("cfg", "streaming", "trajectory", "precision"))
 def _flow_core(params: Mapping[str, Any], tokens: Array, token_len: Array, feat: Array, feat_len: Array,
                mel_len: Array, embedding: Array, noise: Array, *, cfg: FlowConfig, streaming: bool,
-               trajectory: bool = False) -> tuple[Array, Array | None]:
+               trajectory: bool = False, precision: Precision = FLOAT32) -> tuple[Array, Array | None]:
     """Padded batch -> generated mel, left-aligned per row.
 
     tokens [B, N] (prompt + target, right-padded), token_len [B] (tokens per row), feat [B, T, C]
     (prompt mel, right-padded to T = ratio * N), feat_len [B] (F1), mel_len [B] (valid frames, ratio
     times the valid h length), embedding [B, E], noise [1, T, C].
-    Returns (mel [B, T, C] with row b's frames F1..mel_len-1 at 0.. and zeros after, trajectory).
+    Returns (mel [B, T, C] float32 with row b's frames F1..mel_len-1 at 0.. and zeros after, trajectory).
     """
-    model = make_flow(cfg)
-    variables = {"params": _as_f32(params)}
+    model = make_flow(cfg, precision)
+    variables = {"params": params}
     num_tokens = tokens.shape[1]
     token_mask = jnp.arange(num_tokens)[None, :] < token_len[:, None]
     spks, h = model.apply(variables, tokens, token_mask, embedding, method=Flow.encode)
     mu = jnp.repeat(h, cfg.token_mel_ratio, axis=1)  # [B, T, C]
     frames = jnp.arange(mu.shape[1])
     cond = jnp.where((frames[None, :] < feat_len[:, None])[..., None], feat, 0.0)
-    x0 = jnp.broadcast_to(noise, mu.shape)
+    mu2, spks2, cond2 = cfg_batch(mu, spks, cond)
+    lengths2 = jnp.concatenate([mel_len, mel_len], axis=0)
 
-    def estimate(x, mu_, t, spks_, cond_, lengths):
-        return model.apply(variables, x, mu_, t, spks_, cond_, lengths, streaming, method=Flow.estimate)
+    def velocity(x2, t2, _):
+        return model.apply(variables, x2, mu2, t2, spks2, cond2, lengths2, streaming, method=Flow.estimate), None
 
-    x, xs = solve_euler_cfg(estimate, x0, mu, spks, cond, mel_len, n_timesteps=cfg.n_timesteps,
-                            cfg_rate=cfg.inference_cfg_rate, trajectory=trajectory)
+    x, _, xs = solve_euler_cfg(velocity, jnp.broadcast_to(noise, mu.shape), n_timesteps=cfg.n_timesteps,
+                               cfg_rate=cfg.inference_cfg_rate, trajectory=trajectory)
     # Row b's output is x[b, F1:mel_len]; move it to the front with a gather.
     index = jnp.clip(feat_len[:, None] + frames[None, :], 0, mu.shape[1] - 1)  # [B, T]
     out = jnp.take_along_axis(x, index[..., None], axis=1)
@@ -191,28 +195,6 @@ def token_bucket(n: int) -> int:
     return max(step, -(-n // step) * step)
 
 
-def _int_rows(name: str, value: Any, batch: int | None) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D [batch, length] integer array, found shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name}: expected integer token ids, found dtype {arr.dtype}")
-    if batch is not None and arr.shape[0] != batch:
-        raise ValueError(f"{name}: batch {arr.shape[0]} != token batch {batch}")
-    return arr.astype(np.int64)
-
-
-def _lengths(name: str, value: Any, batch: int, full: int) -> np.ndarray:
-    if value is None:
-        return np.full((batch,), full, np.int64)
-    arr = np.asarray(value)
-    if arr.shape != (batch,) or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"{name}: expected integer lengths of shape ({batch},), found {arr.dtype} {arr.shape}")
-    if (arr < 0).any() or (arr > full).any():
-        raise ValueError(f"{name}: lengths {arr.tolist()} must lie in [0, {full}]")
-    return arr.astype(np.int64)
-
-
 def output_lengths(cfg: FlowConfig, token_len: Any, prompt_token_len: Any, prompt_feat_len: Any,
                    finalize: bool) -> np.ndarray:
     """Generated frames per row: ratio * (Np + Nt - (0 if finalize else pre_lookahead_len)) - F1 [B]."""
@@ -221,9 +203,10 @@ def output_lengths(cfg: FlowConfig, token_len: Any, prompt_token_len: Any, promp
     return cfg.token_mel_ratio * total - np.asarray(prompt_feat_len, np.int64)
 
 
-def flow_inference(params: Mapping[str, Any], token: Any, prompt_token: Any, prompt_feat: Any, embedding: Any, *,
-                   cfg: FlowConfig, noise: Any, streaming: bool, finalize: bool, token_len: Any = None,
-                   prompt_token_len: Any = None, prompt_feat_len: Any = None) -> Array:
+def flow_inference(params: Mapping[str, Any], token: Any, prompt_token: Any = None, prompt_feat: Any = None,
+                   embedding: Any = None, *, cfg: FlowConfig, noise: Any, streaming: bool, finalize: bool,
+                   token_len: Any = None, prompt_token_len: Any = None, prompt_feat_len: Any = None,
+                   prompt: FlowPrompt | None = None, precision: Precision = FLOAT32) -> np.ndarray:
     """CausalMaskedDiffWithDiT.inference for a batch of rows.
 
     Args:
@@ -241,9 +224,11 @@ def flow_inference(params: Mapping[str, Any], token: Any, prompt_token: Any, pro
       streaming: chunked attention (``static_chunk_size`` frames) instead of full attention.
       finalize: False holds the last ``pre_lookahead_len`` tokens back as look-ahead context.
       token_len, prompt_token_len, prompt_feat_len: per-row lengths [B] (default: full widths).
+      prompt: instead of the five prompt arguments, a ``FlowPrompt`` checked before (not re-checked).
+      precision: the flow stage's ``cosyjax.precision.Precision`` (static; float32 = parity).
 
     Returns:
-      mel [B, T_out, C] float32, T_out = max over rows of ``output_lengths(...)``; a shorter row is
+      mel [B, T_out, C] float32 numpy, T_out = max over rows of ``output_lengths(...)``; a shorter row is
       followed by zeros.
 
     Raises:
@@ -252,33 +237,27 @@ def flow_inference(params: Mapping[str, Any], token: Any, prompt_token: Any, pro
       nothing to generate, non-finite embedding or prompt mel, a batch mismatch, or more frames than
       the noise buffer holds.
     """
-    token = _int_rows("token", token, None)
+    token = int_rows("token", token, None)
     batch = token.shape[0]
     if batch == 0:
         raise ValueError("token: empty batch")
-    prompt_token = _int_rows("prompt_token", prompt_token, batch)
-    prompt_feat = np.asarray(prompt_feat)
-    embedding = np.asarray(embedding)
+    if prompt is None:
+        prompt = FlowPrompt.check(cfg, prompt_token, prompt_feat, embedding, batch=batch,
+                                  prompt_token_len=prompt_token_len, prompt_feat_len=prompt_feat_len)
+    elif any(a is not None for a in (prompt_token, prompt_feat, embedding, prompt_token_len, prompt_feat_len)):
+        raise ValueError("give either prompt (a FlowPrompt) or prompt_token/prompt_feat/embedding, not both")
+    elif prompt.batch != batch:
+        raise ValueError(f"prompt: batch {prompt.batch} != token batch {batch}")
+    prompt_token, prompt_feat, embedding = prompt.tokens, prompt.feat, prompt.embedding
+    prompt_token_len, feat_len = prompt.token_len, prompt.feat_len
     channels = cfg.output_size
-    if prompt_feat.ndim != 3 or prompt_feat.shape[0] != batch or prompt_feat.shape[2] != channels:
-        raise ValueError(f"prompt_feat: expected [batch={batch}, frames, {channels}] (time-major mel), "
-                         f"found shape {prompt_feat.shape}")
-    if embedding.shape != (batch, cfg.spk_embed_dim):
-        raise ValueError(f"embedding: expected shape ({batch}, {cfg.spk_embed_dim}), found {embedding.shape}")
-    token_len = _lengths("token_len", token_len, batch, token.shape[1])
-    prompt_token_len = _lengths("prompt_token_len", prompt_token_len, batch, prompt_token.shape[1])
-    feat_len = _lengths("prompt_feat_len", prompt_feat_len, batch, prompt_feat.shape[1])
+    token_len = row_lengths("token_len", token_len, batch, token.shape[1])
     if (token_len == 0).any():
         raise ValueError(f"token: empty target token sequence in row(s) {np.flatnonzero(token_len == 0).tolist()}")
-    for name, ids, lens in (("token", token, token_len), ("prompt_token", prompt_token, prompt_token_len)):
-        valid = np.arange(ids.shape[1])[None, :] < lens[:, None]
-        if (np.where(valid, ids, 0) >= cfg.vocab_size).any():
-            bad = int(np.where(valid, ids, 0).max())
-            raise ValueError(f"{name}: id {bad} is outside the speech vocabulary [0, {cfg.vocab_size})")
-    if not np.isfinite(embedding).all():
-        raise ValueError("embedding: contains NaN or inf")
-    if not np.isfinite(prompt_feat).all():
-        raise ValueError("prompt_feat: contains NaN or inf")
+    valid = np.arange(token.shape[1])[None, :] < token_len[:, None]
+    if (np.where(valid, token, 0) >= cfg.vocab_size).any():
+        bad = int(np.where(valid, token, 0).max())
+        raise ValueError(f"token: id {bad} is outside the speech vocabulary [0, {cfg.vocab_size})")
     noise = np.asarray(noise)
     if noise.ndim != 3 or noise.shape[:2] != (1, channels):
         raise ValueError(f"noise: expected shape (1, {channels}, frames), found {noise.shape}")
@@ -313,5 +292,6 @@ def flow_inference(params: Mapping[str, Any], token: Any, prompt_token: Any, pro
     noise_t[0, :used] = np.transpose(noise[0, :, :used])
     mel, _ = _flow_core(params, tokens, total_tokens.astype(np.int32), feat, feat_len.astype(np.int32),
                         mel_len.astype(np.int32), embedding.astype(np.float32), noise_t, cfg=cfg,
-                        streaming=bool(streaming))
-    return mel[:, :int(out_len.max())]
+                        streaming=bool(streaming), precision=precision)
+    # Sliced on the host: a device slice to a request-dependent length would compile per length.
+    return np.asarray(mel)[:, :int(out_len.max())]

@@ -9,7 +9,7 @@ Legend: B batch, T frames, C mel bins.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,8 @@ import numpy as np
 
 Array = jax.Array
 
-# estimate(x, mu, t, spks, cond, lengths) -> velocity; x, mu, cond [2B, T, C], t [2B], spks [2B, C]
-Estimator = Callable[[Array, Array, Array, Array, Array, Array], Array]
+# velocity(x2, t2, step_in) -> (v2, step_out); x2 [2B, T, C], t2 [2B]
+Velocity = Callable[[Array, Array, Any], tuple[Array, Any]]
 
 
 def _torch_linspace_f32(steps: int) -> np.ndarray:
@@ -55,36 +55,41 @@ def cosine_t_schedule(n_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(ts, np.float32), np.asarray(dts, np.float32)
 
 
-def solve_euler_cfg(estimate: Estimator, x0: Array, mu: Array, spks: Array, cond: Array, lengths: Array, *,
-                    n_timesteps: int, cfg_rate: float, trajectory: bool = False) -> tuple[Array, Array | None]:
-    """Integrate dx/dt = v(x, t) from the noise ``x0`` with CFG; call inside jit.
+def cfg_batch(mu: Array, spks: Array, cond: Array) -> tuple[Array, Array, Array]:
+    """The doubled CFG batch of the conditioning: rows [0, B) as given, rows [B, 2B) zeroed."""
+    return tuple(jnp.concatenate([a, jnp.zeros_like(a)], axis=0) for a in (mu, spks, cond))
+
+
+def solve_euler_cfg(velocity: Velocity, x0: Array, *, n_timesteps: int, cfg_rate: float, per_step: Any = None,
+                    trajectory: bool = False) -> tuple[Array, Any, Array | None]:
+    """Upstream's 10-step Euler loop with CFG, as one ``lax.scan`` (the offline and the streaming flow
+    both run this).
 
     Args:
-      estimate: the velocity estimator (see ``Estimator``).
-      x0: initial noise [B, T, C].
-      mu, cond: [B, T, C]; spks: [B, C_spk]; lengths: valid frames [B].
-      n_timesteps: Euler steps (static).
-      cfg_rate: inference_cfg_rate.
+      velocity: ``velocity(x2, t2, step_in) -> (v2, step_out)``: the estimator on the doubled batch
+        x2 [2B, T, C] at times t2 [2B] (rows [B, 2B) unconditioned, see ``cfg_batch``), given this
+        step's slice of ``per_step`` (None without it); ``step_out`` is collected per step (e.g. the
+        streaming K/V cache entries) or None.
+      x0: initial noise [B, T, C] (float32: the Euler state stays float32 under every policy).
+      n_timesteps: Euler steps (static).  cfg_rate: inference_cfg_rate.
+      per_step: a pytree whose leaves have a leading [n_timesteps] axis, scanned with the steps.
       trajectory: also return the x fed to the estimator at every step.
 
     Returns:
-      (x after the last step [B, T, C], the per-step inputs [n, B, T, C] or None).
+      (x after the last step [B, T, C], the stacked step outputs, the per-step inputs [n, B, T, C] or None).
     """
     batch = x0.shape[0]
     ts, dts = cosine_t_schedule(n_timesteps)
-    mu2 = jnp.concatenate([mu, jnp.zeros_like(mu)], axis=0)  # [2B, T, C]
-    spks2 = jnp.concatenate([spks, jnp.zeros_like(spks)], axis=0)  # [2B, C_spk]
-    cond2 = jnp.concatenate([cond, jnp.zeros_like(cond)], axis=0)  # [2B, T, C]
-    lengths2 = jnp.concatenate([lengths, lengths], axis=0)
     # torch multiplies by the python floats 1.0 + rate and rate rounded to float32.
     w_cond, w_uncond = np.float32(1.0 + cfg_rate), np.float32(cfg_rate)
 
-    def step(x, t_dt):
-        t, dt = t_dt
+    def step(x, inputs):
+        t, dt, step_in = inputs
         x2 = jnp.concatenate([x, x], axis=0)  # [2B, T, C]
-        v = estimate(x2, mu2, jnp.full((2 * batch,), t, x.dtype), spks2, cond2, lengths2)
+        v, step_out = velocity(x2, jnp.full((2 * batch,), t, jnp.float32), step_in)
+        v = v.astype(jnp.float32)
         v = w_cond * v[:batch] - w_uncond * v[batch:]
-        return x + dt * v, (x if trajectory else None)
+        return x + dt * v, (step_out, x if trajectory else None)
 
-    x, xs = jax.lax.scan(step, x0, (jnp.asarray(ts), jnp.asarray(dts)))
-    return x, xs
+    x, (outs, xs) = jax.lax.scan(step, x0.astype(jnp.float32), (jnp.asarray(ts), jnp.asarray(dts), per_step))
+    return x, outs, xs

@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosyjax.config import FlowConfig
-from cosyjax.flow.flow import Flow, _as_f32, _int_rows, make_flow
-from cosyjax.flow.solver import cosine_t_schedule
+from cosyjax.flow.flow import Flow, make_flow
+from cosyjax.flow.prompt import FlowPrompt, int_rows
+from cosyjax.flow.solver import cfg_batch, solve_euler_cfg
+from cosyjax.precision import FLOAT32, Precision
 
 Array = jax.Array
 CONV2_LEFT = 2  # PreLookaheadLayer.conv2: kernel 3, left-causal
@@ -95,35 +97,30 @@ def _empty_cache(cfg: FlowConfig, batch: int, capacity: int, dtype: Any) -> dict
             "tail1": jnp.zeros(tail, jnp.float32), "tail2": jnp.zeros(tail, jnp.float32)}
 
 
-def flow_stream_init(cfg: FlowConfig, prompt_token: Any, prompt_feat: Any, embedding: Any, *,
-                     capacity: int | None = None, cache_dtype: Any = jnp.float32) -> FlowStreamState:
+def flow_stream_init(cfg: FlowConfig, prompt_token: Any = None, prompt_feat: Any = None, embedding: Any = None, *,
+                     prompt: FlowPrompt | None = None, capacity: int | None = None,
+                     cache_dtype: Any = jnp.float32) -> FlowStreamState:
     """Start a stream.
 
     Args:
       prompt_token: [B, P] prompt speech tokens (P may be 0); prompt_feat: [B, F1, C] prompt mel;
       embedding: [B, E] raw speaker embedding.  Same meaning as in ``flow_inference``.
+      prompt: instead of those three, a ``FlowPrompt`` checked before (full-length rows).
       capacity: initial cache capacity in frames (grows by doubling when exceeded).
       cache_dtype: float32 (default, parity) or bfloat16 (half the memory).
     """
-    prompt_token = _int_rows("prompt_token", prompt_token, None)
-    batch = prompt_token.shape[0]
-    prompt_feat = np.asarray(prompt_feat, np.float32)
-    embedding = np.asarray(embedding, np.float32)
-    if batch == 0:
-        raise ValueError("prompt_token: empty batch")
-    if prompt_feat.ndim != 3 or prompt_feat.shape[0] != batch or prompt_feat.shape[2] != cfg.output_size:
-        raise ValueError(f"prompt_feat: expected [batch={batch}, frames, {cfg.output_size}], found {prompt_feat.shape}")
-    if embedding.shape != (batch, cfg.spk_embed_dim):
-        raise ValueError(f"embedding: expected shape ({batch}, {cfg.spk_embed_dim}), found {embedding.shape}")
-    if not (np.isfinite(prompt_feat).all() and np.isfinite(embedding).all()):
-        raise ValueError("prompt_feat/embedding: contain NaN or inf")
-    if prompt_token.size and (prompt_token.min() < 0 or prompt_token.max() >= cfg.vocab_size):
-        raise ValueError(f"prompt_token: ids must lie in [0, {cfg.vocab_size})")
+    if prompt is None:
+        prompt = FlowPrompt.check(cfg, prompt_token, prompt_feat, embedding)
+    elif any(a is not None for a in (prompt_token, prompt_feat, embedding)):
+        raise ValueError("give either prompt (a FlowPrompt) or prompt_token/prompt_feat/embedding, not both")
+    if (prompt.token_len != prompt.tokens.shape[1]).any() or (prompt.feat_len != prompt.feat.shape[1]).any():
+        raise ValueError("prompt: stream rows advance together; give full-length prompts (no per-row lengths)")
     chunk = _chunk(cfg)
     cap = max(capacity or 0, MIN_CAPACITY_CHUNKS * chunk)
     cap = -(-cap // chunk) * chunk
-    return FlowStreamState(_empty_cache(cfg, batch, cap, cache_dtype), 0,
-                           np.zeros((batch, 0, cfg.output_size), np.float32), prompt_token, prompt_feat, embedding)
+    return FlowStreamState(_empty_cache(cfg, prompt.batch, cap, cache_dtype), 0,
+                           np.zeros((prompt.batch, 0, cfg.output_size), np.float32), prompt.tokens, prompt.feat,
+                           prompt.embedding)
 
 
 def _grow(cache: dict[str, Array], capacity: int) -> dict[str, Array]:
@@ -132,10 +129,10 @@ def _grow(cache: dict[str, Array], capacity: int) -> dict[str, Array]:
     return {**cache, "k": jnp.pad(cache["k"], pad), "v": jnp.pad(cache["v"], pad)}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "window_offset"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "window_offset", "precision"), donate_argnames=("cache",))
 def _push_core(params: Mapping[str, Any], cache: dict[str, Array], tokens: Array, token_mask: Array,
                embedding: Array, feat: Array, noise: Array, start: Array, valid: Array, keep: Array, *,
-               cfg: FlowConfig, window_offset: int) -> tuple[Array, dict[str, Array]]:
+               cfg: FlowConfig, window_offset: int, precision: Precision = FLOAT32) -> tuple[Array, dict[str, Array]]:
     """Integrate frames start .. start+T-1 (T static) against the cache.
 
     tokens/token_mask [B, W]: the token window (W = T/ratio + left + lookahead), whose position
@@ -143,33 +140,27 @@ def _push_core(params: Mapping[str, Any], cache: dict[str, Array], tokens: Array
     noise [1, T, C]; valid: frames among T that exist; keep: frames among T whose keys become final.
     Returns (x [B, T, C], the cache with the new frames' keys/values written at ``start``).
     """
-    model = make_flow(cfg)
-    variables = {"params": _as_f32(params)}
+    model = make_flow(cfg, precision)
+    variables = {"params": params}
     frames = feat.shape[1]
     batch = feat.shape[0]
     spks, h = model.apply(variables, tokens, token_mask, embedding, method=Flow.encode)  # h [B, W, C]
     h = jax.lax.dynamic_slice_in_dim(h, window_offset, frames // cfg.token_mel_ratio, axis=1)
     mu = jnp.repeat(h, cfg.token_mel_ratio, axis=1)  # [B, T, C]
-    mu2 = jnp.concatenate([mu, jnp.zeros_like(mu)], axis=0)
-    spks2 = jnp.concatenate([spks, jnp.zeros_like(spks)], axis=0)
-    cond2 = jnp.concatenate([feat, jnp.zeros_like(feat)], axis=0)
+    mu2, spks2, cond2 = cfg_batch(mu, spks, feat)
     lengths2 = jnp.full((2 * batch,), valid, jnp.int32)
     keep2 = jnp.full((2 * batch,), keep, jnp.int32)
-    ts, dts = cosine_t_schedule(cfg.n_timesteps)
-    w_cond, w_uncond = np.float32(1.0 + cfg.inference_cfg_rate), np.float32(cfg.inference_cfg_rate)
-    x0 = jnp.broadcast_to(noise, mu.shape)
 
-    def step(x, per_step):
-        t, dt, k, v, tail1, tail2 = per_step
+    def velocity(x2, t2, step_cache):  # step_cache: this Euler step's slice of the cache
+        k, v, tail1, tail2 = step_cache
         step_cache = {"k": k, "v": v, "tail1": tail1, "tail2": tail2, "start": start, "tail_at": keep2}
-        x2 = jnp.concatenate([x, x], axis=0)
-        vel, new = model.apply(variables, x2, mu2, jnp.full((2 * batch,), t), spks2, cond2, lengths2, True,
-                               True, step_cache, method=Flow.estimate)
-        vel = w_cond * vel[:batch] - w_uncond * vel[batch:]
-        return x + dt * vel, (new["k"].astype(k.dtype), new["v"].astype(v.dtype), new["tail1"], new["tail2"])
+        vel, new = model.apply(variables, x2, mu2, t2, spks2, cond2, lengths2, True, True, step_cache,
+                               method=Flow.estimate)
+        return vel, (new["k"].astype(k.dtype), new["v"].astype(v.dtype), new["tail1"], new["tail2"])
 
-    x, (k_new, v_new, tail1, tail2) = jax.lax.scan(
-        step, x0, (jnp.asarray(ts), jnp.asarray(dts), cache["k"], cache["v"], cache["tail1"], cache["tail2"]))
+    x, (k_new, v_new, tail1, tail2), _ = solve_euler_cfg(
+        velocity, jnp.broadcast_to(noise, mu.shape), n_timesteps=cfg.n_timesteps, cfg_rate=cfg.inference_cfg_rate,
+        per_step=(cache["k"], cache["v"], cache["tail1"], cache["tail2"]))
     zero = jnp.zeros((), jnp.int32)
     index = (zero, zero, zero, start, zero, zero)
     return x, {"k": jax.lax.dynamic_update_slice(cache["k"], k_new, index),
@@ -178,7 +169,8 @@ def _push_core(params: Mapping[str, Any], cache: dict[str, Array], tokens: Array
 
 
 def flow_stream_push(params: Mapping[str, Any], state: FlowStreamState, token: Any, *, cfg: FlowConfig,
-                     noise: Any, finalize: bool, out_from: int | None = None) -> tuple[np.ndarray, FlowStreamState]:
+                     noise: Any, finalize: bool, out_from: int | None = None,
+                     precision: Precision = FLOAT32) -> tuple[np.ndarray, FlowStreamState]:
     """Extend the stream to the target tokens ``token`` [B, Nt] (all so far, as upstream passes them).
 
     Equivalent to ``flow_inference(params, token, prompt, ..., streaming=True, finalize=finalize)``
@@ -191,13 +183,14 @@ def flow_stream_push(params: Mapping[str, Any], state: FlowStreamState, token: A
       out_from: first generated frame (counted after the prompt mel, like ``flow_inference``'s
         output) to return; default: the first frame this push computed or recomputed, clipped to
         the prompt end.
+      precision: the flow stage's ``Precision`` (static).
     Returns:
       (mel [B, T_out, C] generated frames ``out_from ..`` of the prefix, the new state).  The state
       is updated in place as well (its cache buffers are donated).
     """
     if state.finished:
         raise ValueError("flow stream already finalized")
-    token = _int_rows("token", token, state.prompt_tokens.shape[0])
+    token = int_rows("token", token, state.prompt_tokens.shape[0])
     if token.size and (token.min() < 0 or token.max() >= cfg.vocab_size):
         raise ValueError(f"token: ids must lie in [0, {cfg.vocab_size})")
     chunk = _chunk(cfg)
@@ -244,7 +237,7 @@ def flow_stream_push(params: Mapping[str, Any], state: FlowStreamState, token: A
     x, state.cache = _push_core(params, state.cache, jnp.asarray(window), jnp.asarray(mask),
                                 jnp.asarray(state.embedding), jnp.asarray(feat), jnp.asarray(noise_t),
                                 jnp.int32(start), jnp.int32(new), jnp.int32(keep - start),
-                                cfg=cfg, window_offset=first - w0)
+                                cfg=cfg, window_offset=first - w0, precision=precision)
     x = np.asarray(x)[:, :new]
     state.mel = np.concatenate([state.mel[:, :start], x], axis=1)
     state.frames = keep

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from cosyjax.config import LLMConfig
-from cosyjax.llm.qwen2 import build_model
+from cosyjax.llm.qwen2 import build_model, precision_of
 from cosyjax.llm.sampling import SamplerSettings, sample
+from cosyjax.precision import Precision
 
 Array = jax.Array
 
@@ -85,19 +86,19 @@ class ChunkOutput:
     steps: Array
 
 
-def _model(cfg: LLMConfig, params) -> Any:
-    """The module computing in the params' dtype (float32 or bfloat16)."""
-    return build_model(cfg, params["llm_decoder"]["kernel"].dtype)
+def _model(cfg: LLMConfig, params, precision: Precision | None) -> Any:
+    """The module under ``precision`` (None: what the params' dtype implies, ``qwen2.precision_of``)."""
+    return build_model(cfg, precision if precision is not None else precision_of(params))
 
 
-def _forward(cfg: LLMConfig, params, state: DecodeState, x: Array, new_valid: Array
-             ) -> tuple[Array, DecodeState]:
+def _forward(cfg: LLMConfig, params, state: DecodeState, x: Array, new_valid: Array,
+             precision: Precision | None) -> tuple[Array, DecodeState]:
     """Run T new tokens [B, T, D] through the transformer into slots end_index.. of the cache.
 
     ``new_valid`` [B, T] marks which of them are real (prefill padding is not).  Returns the
     final-normed hidden [B, T, D] and the state with cache/valid/positions/end_index advanced.
     """
-    model = _model(cfg, params)
+    model = _model(cfg, params, precision)
     length = x.shape[1]
     slots = state.valid.shape[1]
     write = state.end_index
@@ -112,19 +113,20 @@ def _forward(cfg: LLMConfig, params, state: DecodeState, x: Array, new_valid: Ar
         positions=state.positions + jnp.sum(new_valid, axis=1, dtype=jnp.int32))
 
 
-def _feed(cfg: LLMConfig, params, state: DecodeState, tokens: Array) -> DecodeState:
+def _feed(cfg: LLMConfig, params, state: DecodeState, tokens: Array, precision: Precision | None) -> DecodeState:
     """Feed one speech token per row [B]; the state's logits become the next step's."""
-    model = _model(cfg, params)
+    model = _model(cfg, params, precision)
     x = model.apply({"params": params}, tokens[:, None], jnp.ones_like(tokens[:, None], bool),
                     method=model.embed)  # [B, 1, D]
-    hidden, state = _forward(cfg, params, state, x, jnp.ones(x.shape[:2], bool))
+    hidden, state = _forward(cfg, params, state, x, jnp.ones(x.shape[:2], bool), precision)
     logits = model.apply({"params": params}, hidden[:, 0], method=model.logits)  # [B, V]
     return state.replace(logits=logits)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "window"))
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "window", "precision"))
 def prefill(params, ids: Array, is_speech: Array, lengths: Array, min_len: Array, max_len: Array,
-            keys: Array, *, cfg: LLMConfig, cache_len: int, window: int) -> DecodeState:
+            keys: Array, *, cfg: LLMConfig, cache_len: int, window: int,
+            precision: Precision | None = None) -> DecodeState:
     """Run the prompts and build the decode state.
 
     Args:
@@ -134,12 +136,13 @@ def prefill(params, ids: Array, is_speech: Array, lengths: Array, min_len: Array
       min_len, max_len: [B] int32 per-row limits.
       keys: [B] PRNG keys.
       cfg: static config.  cache_len: static S >= P.  window: static W (RAS win_size).
+      precision: the LLM stage's ``Precision`` (static; None: from the params' dtype).
     Returns:
       DecodeState whose ``logits`` are the first step's.
     """
-    model = _model(cfg, params)
+    model = _model(cfg, params, precision)
     batch, length = ids.shape
-    dtype = params["llm_decoder"]["kernel"].dtype
+    dtype = model.precision.dtype  # the cache holds keys/values in the compute dtype
     shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
     state = DecodeState(
         cache=[{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)],
@@ -158,7 +161,7 @@ def prefill(params, ids: Array, is_speech: Array, lengths: Array, min_len: Array
     )
     x = model.apply({"params": params}, ids, is_speech, method=model.embed)  # [B, P, D]
     new_valid = jnp.arange(length, dtype=jnp.int32)[None, :] < lengths[:, None]  # [B, P]
-    hidden, state = _forward(cfg, params, state, x, new_valid)
+    hidden, state = _forward(cfg, params, state, x, new_valid, precision)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, D]
     return state.replace(logits=model.apply({"params": params}, last, method=model.logits))
 
@@ -180,25 +183,31 @@ def step_scores(cfg: LLMConfig, settings: SamplerSettings, logits: Array, step: 
     return jnp.where(masked, -jnp.inf, scores)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "settings", "num_steps", "record_logits"),
-                   donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "num_steps", "record_logits", "precision",
+                                           "fixed_trip"), donate_argnames=("state",))
 def decode_chunk(params, state: DecodeState, *, cfg: LLMConfig, settings: SamplerSettings, num_steps: int,
-                 record_logits: bool = False) -> tuple[DecodeState, ChunkOutput]:
-    """Up to ``num_steps`` decode steps in one ``lax.while_loop`` (one host round-trip per chunk).
+                 record_logits: bool = False, precision: Precision | None = None,
+                 fixed_trip: bool | None = None) -> tuple[DecodeState, ChunkOutput]:
+    """Up to ``num_steps`` decode steps in one jitted loop (one host round-trip per chunk).
 
     Stops early when every row is done or the cache is full.  Returns the advanced state and the
     chunk's tokens (see ``ChunkOutput``).
+
+    ``fixed_trip`` (default: on for GPU/TPU, off on CPU): the loop runs exactly ``num_steps``
+    iterations, and once every row is done an iteration changes nothing (its results are masked
+    out).  A ``lax.while_loop`` whose condition depends on the tokens, or a ``lax.cond`` in its body,
+    makes an accelerator copy the predicate to the host on every step; a fixed trip count does not,
+    so the host reads the device once per chunk (the tokens and ``done``).  On CPU there is no such
+    copy and the early exit saves the steps after the last row finishes.  Both give the same tokens.
     """
     batch = state.done.shape[0]
     slots = state.valid.shape[1]
     stop_id = cfg.speech_token_size
+    if fixed_trip is None:
+        fixed_trip = jax.default_backend() != "cpu"
 
-    def cond(carry):
-        i, st, _, _ = carry
-        return (i < num_steps) & ~jnp.all(st.done) & (st.end_index < slots)
-
-    def body(carry):
-        i, st, tokens, logits_buf = carry
+    def sample_step(i, st, tokens, logits_buf):
+        """Upstream's step: score, sample, stop or emit; returns the state before the feed."""
         if record_logits:
             logits_buf = logits_buf.at[:, i].set(st.logits)
         scores = step_scores(cfg, settings, st.logits, st.step, st.min_len)
@@ -216,22 +225,53 @@ def decode_chunk(params, state: DecodeState, *, cfg: LLMConfig, settings: Sample
             done=st.done | is_stop | (num_tokens >= st.max_len),
             stop_token=jnp.where(active & is_stop, token, st.stop_token))
         # Feed the emitted tokens back (finished rows feed a dummy id; their outputs are ignored).
-        st = jax.lax.cond(jnp.all(st.done), lambda s: s,
-                          lambda s: _feed(cfg, params, s, jnp.where(emit, token, 0)), st)
-        return i + 1, st, tokens, logits_buf
+        return st, jnp.where(emit, token, 0), tokens, logits_buf
+
+    def feed(st, token):
+        return _feed(cfg, params, st, token, precision)
 
     tokens = jnp.full((batch, num_steps), -1, jnp.int32)
     logits_buf = (jnp.zeros((batch, num_steps, cfg.speech_vocab_size), jnp.float32) if record_logits
                   else jnp.zeros((), jnp.float32))
     start_tokens = state.num_tokens
-    steps, state, tokens, logits_buf = jax.lax.while_loop(
-        cond, body, (jnp.zeros((), jnp.int32), state, tokens, logits_buf))
+    carry = (jnp.zeros((), jnp.int32), state, tokens, logits_buf)
+    if fixed_trip:
+        def select(pred, a, b):
+            return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+        def scan_body(carry, _):
+            i, st, tokens, logits_buf = carry
+            idle = jnp.all(st.done) | (st.end_index >= slots)
+            new, token, new_tokens, new_buf = sample_step(i, st, tokens, logits_buf)
+            fed = feed(new, token)
+            # The cache is always taken as fed: a feed that is masked out wrote one slot at end_index,
+            # which stays invalid and is overwritten by the next real write (selecting the whole cache
+            # per step would double its memory traffic).  Upstream feeds nothing once every row is done.
+            stepped = select(jnp.all(new.done), new.replace(cache=fed.cache), fed)
+            # A step after every row finished changes nothing.
+            return select(idle, (i, st.replace(cache=fed.cache), tokens, logits_buf),
+                          (i + 1, stepped, new_tokens, new_buf)), None
+
+        (steps, state, tokens, logits_buf), _ = jax.lax.scan(scan_body, carry, None, length=num_steps)
+    else:
+        def cond(carry):
+            i, st, _, _ = carry
+            return (i < num_steps) & ~jnp.all(st.done) & (st.end_index < slots)
+
+        def body(carry):
+            i, st, tokens, logits_buf = carry
+            st, token, tokens, logits_buf = sample_step(i, st, tokens, logits_buf)
+            st = jax.lax.cond(jnp.all(st.done), lambda s: s, lambda s: feed(s, token), st)
+            return i + 1, st, tokens, logits_buf
+
+        steps, state, tokens, logits_buf = jax.lax.while_loop(cond, body, carry)
     return state, ChunkOutput(tokens=tokens, count=state.num_tokens - start_tokens,
                               step_logits=logits_buf if record_logits else None, steps=steps)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def decode_forced(params, state: DecodeState, tokens: Array, *, cfg: LLMConfig) -> tuple[DecodeState, Array]:
+@functools.partial(jax.jit, static_argnames=("cfg", "precision"))
+def decode_forced(params, state: DecodeState, tokens: Array, *, cfg: LLMConfig,
+                  precision: Precision | None = None) -> tuple[DecodeState, Array]:
     """Teacher-forced decode through the same cache step the sampler loop uses.
 
     Args:
@@ -242,7 +282,7 @@ def decode_forced(params, state: DecodeState, tokens: Array, *, cfg: LLMConfig) 
       llm_decoder outputs before feeding tokens[:, j] (row 0 is the prefill's).
     """
     def body(st, token):
-        return _feed(cfg, params, st, token), st.logits
+        return _feed(cfg, params, st, token, precision), st.logits
 
     state, logits = jax.lax.scan(body, state, tokens.T)
     return state, jnp.swapaxes(logits, 0, 1)

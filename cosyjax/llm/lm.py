@@ -30,8 +30,9 @@ import numpy as np
 
 from cosyjax.config import LLMConfig
 from cosyjax.llm import decode
-from cosyjax.llm.qwen2 import build_model
+from cosyjax.llm.qwen2 import build_model, precision_of
 from cosyjax.llm.sampling import SamplerSettings
+from cosyjax.precision import Precision
 
 Array = jax.Array
 MIN_TOKEN_TEXT_RATIO = 2.0  # Qwen2LM.inference defaults
@@ -154,8 +155,9 @@ def pad_layouts(layouts: Sequence[tuple[np.ndarray, np.ndarray]], length: int | 
 # --------------------------------------------------------------------------------------------
 # Teacher-forced forward (no cache)
 # --------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def forward_embeddings(params, x: Array, lengths: Array, *, cfg: LLMConfig) -> tuple[Array, Array]:
+@functools.partial(jax.jit, static_argnames=("cfg", "precision"))
+def forward_embeddings(params, x: Array, lengths: Array, *, cfg: LLMConfig,
+                       precision: Precision | None = None) -> tuple[Array, Array]:
     """Qwen2Encoder.forward + llm_decoder on embeddings.
 
     Args:
@@ -164,24 +166,25 @@ def forward_embeddings(params, x: Array, lengths: Array, *, cfg: LLMConfig) -> t
       hidden [B, T, D] (after the final norm) and logits [B, T, V] float32.  Padded positions hold
       unspecified values.
     """
-    model = build_model(cfg, params["llm_decoder"]["kernel"].dtype)
+    model = build_model(cfg, precision if precision is not None else precision_of(params))
     batch, length, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     key_valid = jnp.arange(length)[None, :] < lengths[:, None]  # [B, S]
     mask = jnp.tril(jnp.ones((length, length), bool))[None] & key_valid[:, None, :]  # [B, T, S]
-    hidden, _ = model.apply({"params": params}, x.astype(model.dtype), positions, mask)
+    hidden, _ = model.apply({"params": params}, x, positions, mask)
     return hidden, model.apply({"params": params}, hidden, method=model.logits)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def embed_layout(params, ids: Array, is_speech: Array, *, cfg: LLMConfig) -> Array:
-    """Token layout [B, T] -> lm_input [B, T, D]."""
-    model = build_model(cfg, params["llm_decoder"]["kernel"].dtype)
+    """Token layout [B, T] -> lm_input [B, T, D] float32 (rows of the embedding tables)."""
+    model = build_model(cfg)
     return model.apply({"params": params}, ids, is_speech, method=model.embed)
 
 
 def llm_forward(params, cfg: LLMConfig, requests: Sequence[LMRequest],
-                speech_targets: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+                speech_targets: Sequence[Sequence[int]] | None = None,
+                precision: Precision | None = None) -> dict[str, np.ndarray]:
     """Teacher-forced CosyVoice3LM over a batch of requests (padded; each row as if run alone).
 
     Args:
@@ -197,7 +200,7 @@ def llm_forward(params, cfg: LLMConfig, requests: Sequence[LMRequest],
     ids, is_speech, lengths = pad_layouts(layouts)
     prefix = np.asarray([len(layout[0]) - len(t) for layout, t in zip(layouts, targets)], np.int32)
     x = embed_layout(params, ids, is_speech, cfg=cfg)
-    hidden, logits = forward_embeddings(params, x, lengths, cfg=cfg)
+    hidden, logits = forward_embeddings(params, x, lengths, cfg=cfg, precision=precision)
     return {"lm_input": np.asarray(x), "hidden": np.asarray(hidden), "logits": np.asarray(logits),
             "lengths": lengths, "prefix_lengths": prefix}
 
@@ -275,15 +278,15 @@ def prepare(cfg: LLMConfig, requests: Sequence[LMRequest], keys, *, cache_len: i
 
 
 def start(params, cfg: LLMConfig, requests: Sequence[LMRequest], keys: Array, settings: SamplerSettings,
-          **prepare_kwargs) -> decode.DecodeState:
+          precision: Precision | None = None, **prepare_kwargs) -> decode.DecodeState:
     """``prepare`` (host checks) then ``decode.prefill``; returns the decode state."""
     batch = prepare(cfg, requests, keys, **prepare_kwargs)
     return decode.prefill(params, batch.ids, batch.is_speech, batch.lengths, batch.min_len, batch.max_len, keys,
-                          cfg=cfg, cache_len=batch.cache_len, window=settings.win_size)
+                          cfg=cfg, cache_len=batch.cache_len, window=settings.win_size, precision=precision)
 
 
 def stream(params, cfg: LLMConfig, state: decode.DecodeState, settings: SamplerSettings, *,
-           chunk_size: int = 25, record_logits: bool = False
+           chunk_size: int = 25, record_logits: bool = False, precision: Precision | None = None
            ) -> Iterator[tuple[list[np.ndarray], decode.DecodeState, decode.ChunkOutput]]:
     """Decode chunk by chunk until every row is done; yields (new tokens per row, state, chunk)."""
     while True:
@@ -293,14 +296,14 @@ def stream(params, cfg: LLMConfig, state: decode.DecodeState, settings: SamplerS
         if int(state.end_index) >= state.valid.shape[1]:
             raise ValueError(f"KV cache full ({state.valid.shape[1]} slots) before every row finished")
         state, chunk = decode.decode_chunk(params, state, cfg=cfg, settings=settings, num_steps=chunk_size,
-                                           record_logits=record_logits)
+                                           record_logits=record_logits, precision=precision)
         tokens, count = np.asarray(chunk.tokens), np.asarray(chunk.count)
         yield [tokens[b, :count[b]] for b in range(tokens.shape[0])], state, chunk
 
 
 def generate(params, cfg: LLMConfig, requests: Sequence[LMRequest], keys: Array, settings: SamplerSettings,
              *, chunk_size: int = 25, record_logits: bool = False, cache_len: int | None = None,
-             **prepare_kwargs) -> list[Generation]:
+             precision: Precision | None = None, **prepare_kwargs) -> list[Generation]:
     """Generate speech tokens for a batch of requests (rows stop independently).
 
     Args:
@@ -310,19 +313,20 @@ def generate(params, cfg: LLMConfig, requests: Sequence[LMRequest], keys: Array,
       chunk_size: decode steps per host round-trip.
       record_logits: keep each step's llm_decoder output (parity; costs B*chunk*V floats per chunk).
       cache_len, prepare_kwargs: passed to ``prepare`` (min_ratio, max_ratio, require_endofprompt).
+      precision: the LLM stage's ``Precision`` (None: from the params' dtype).
     Returns:
       one Generation per request.
     """
     # Every check runs before anything reaches the device.
     prepare(cfg, requests, keys, cache_len=cache_len, **prepare_kwargs)
     params = jax.tree.map(jnp.asarray, params)
-    state = start(params, cfg, requests, keys, settings, cache_len=cache_len, **prepare_kwargs)
+    state = start(params, cfg, requests, keys, settings, precision, cache_len=cache_len, **prepare_kwargs)
     batch = len(requests)
     tokens: list[list[np.ndarray]] = [[] for _ in range(batch)]
     logits: list[list[np.ndarray]] = [[] for _ in range(batch)]
     live = ~np.asarray(state.done)
     for new, state, chunk in stream(params, cfg, state, settings, chunk_size=chunk_size,
-                                    record_logits=record_logits):
+                                    record_logits=record_logits, precision=precision):
         stop = np.asarray(state.stop_token)
         chunk_logits = np.asarray(chunk.step_logits) if record_logits else None
         for b in range(batch):

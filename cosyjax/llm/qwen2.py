@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosyjax.config import LLMConfig
+from cosyjax.nn import Dense
+from cosyjax.nn.attention import attention
+from cosyjax.precision import BFLOAT16, FLOAT32, Precision
 
 Array = jax.Array
-Precision = jax.lax.Precision
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
@@ -65,22 +67,17 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 class RMSNorm(nn.Module):
-    """``weight * (x / sqrt(mean(x^2) + eps))`` with float32 statistics (HF Qwen2RMSNorm).
-
-    The normalised value is cast back to the activation dtype before the weight multiply, as HF does.
-    """
+    """``weight * (x / sqrt(mean(x^2) + eps))`` in float32 (HF Qwen2RMSNorm on float32 activations)."""
 
     eps: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
         xf = x.astype(jnp.float32)
         variance = jnp.mean(xf * xf, axis=-1, keepdims=True)
         normed = xf * jax.lax.rsqrt(variance + jnp.float32(self.eps))  # HF uses torch.rsqrt
-        return weight.astype(self.dtype) * normed.astype(self.dtype)
+        return weight.astype(jnp.float32) * normed
 
 
 class Attention(nn.Module):
@@ -90,13 +87,7 @@ class Attention(nn.Module):
     num_kv_heads: int
     head_dim: int
     rope_theta: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = Precision.HIGHEST
-
-    def _dense(self, features: int, use_bias: bool, name: str) -> nn.Dense:
-        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                        precision=self.precision, name=name)
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array, cache: dict[str, Array] | None = None,
@@ -108,13 +99,13 @@ class Attention(nn.Module):
           cache: None, or {"k", "v": [B, S, K, H]} slots to write the new keys/values into.
           write_index: int32 scalar, first cache slot of the new keys (with a cache only).
         Returns:
-          out [B, T, D] and the updated cache (None without one).
+          out [B, T, D] float32 and the updated cache (None without one).
         """
         batch, length, _ = x.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self._dense(n * h, True, "q_proj")(x).reshape(batch, length, n, h)  # [B, T, N, H]
-        key = self._dense(k * h, True, "k_proj")(x).reshape(batch, length, k, h)  # [B, T, K, H]
-        value = self._dense(k * h, True, "v_proj")(x).reshape(batch, length, k, h)  # [B, T, K, H]
+        q = Dense(n * h, precision=self.precision, name="q_proj")(x).reshape(batch, length, n, h)  # [B, T, N, H]
+        key = Dense(k * h, precision=self.precision, name="k_proj")(x).reshape(batch, length, k, h)  # [B, T, K, H]
+        value = Dense(k * h, precision=self.precision, name="v_proj")(x).reshape(batch, length, k, h)
         cos, sin = rope_cos_sin(positions, h, self.rope_theta)
         q = apply_rope(q, cos, sin)
         key = apply_rope(key, cos, sin)
@@ -124,39 +115,26 @@ class Attention(nn.Module):
             key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)  # [B, S, K, H]
             value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)
             new_cache = {"k": key, "v": value}
-        # HF repeat_kv gives query head n the kv head n // G, i.e. n = k * G + g.
-        q = q.reshape(batch, length, k, n // k, h)  # [B, T, K, G, H]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype), precision=self.precision,
-                            preferred_element_type=jnp.float32)  # [B, K, G, T, S]
-        scores = scores * jnp.float32(1.0 / np.sqrt(h))
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(self.dtype), precision=self.precision)
+        out = attention(q, key, value, mask, scale=float(np.float32(1.0 / np.sqrt(h))), precision=self.precision)
         out = out.reshape(batch, length, n * h)  # [B, T, N*H]
-        return self._dense(x.shape[-1], False, "o_proj")(out), new_cache
+        return Dense(x.shape[-1], use_bias=False, precision=self.precision, name="o_proj")(out), new_cache
 
 
 class MLP(nn.Module):
     """``down(silu(gate(x)) * up(x))``, no biases."""
 
     intermediate_size: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = Precision.HIGHEST
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        def dense(features, name):
-            return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                            precision=self.precision, name=name)
-
-        gate = dense(self.intermediate_size, "gate_proj")(x)  # [B, T, F]
-        up = dense(self.intermediate_size, "up_proj")(x)
-        return dense(x.shape[-1], "down_proj")(jax.nn.silu(gate) * up)
+        gate = Dense(self.intermediate_size, use_bias=False, precision=self.precision, name="gate_proj")(x)  # [B, T, F]
+        up = Dense(self.intermediate_size, use_bias=False, precision=self.precision, name="up_proj")(x)
+        return Dense(x.shape[-1], use_bias=False, precision=self.precision, name="down_proj")(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm Qwen2 block: ``h = x + attn(norm(x)); y = h + mlp(norm(h))``."""
+    """Pre-norm Qwen2 block: ``h = x + attn(norm(x)); y = h + mlp(norm(h))`` (float32 residual stream)."""
 
     num_heads: int
     num_kv_heads: int
@@ -164,20 +142,17 @@ class DecoderLayer(nn.Module):
     intermediate_size: int
     rms_norm_eps: float
     rope_theta: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = Precision.HIGHEST
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array, cache: dict[str, Array] | None = None,
                  write_index: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn_out, new_cache = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta,
-                                        precision=self.precision, name="self_attn", **kw)(
-            RMSNorm(self.rms_norm_eps, name="input_layernorm", **kw)(x), positions, mask, cache, write_index)
-        h = x + attn_out
-        mlp_out = MLP(self.intermediate_size, precision=self.precision, name="mlp", **kw)(
-            RMSNorm(self.rms_norm_eps, name="post_attention_layernorm", **kw)(h))
+                                        self.precision, name="self_attn")(
+            RMSNorm(self.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache, write_index)
+        h = x.astype(jnp.float32) + attn_out
+        mlp_out = MLP(self.intermediate_size, self.precision, name="mlp")(
+            RMSNorm(self.rms_norm_eps, name="post_attention_layernorm")(h))
         return h + mlp_out, new_cache
 
 
@@ -193,19 +168,16 @@ class Qwen2Model(nn.Module):
     intermediate_size: int
     rms_norm_eps: float
     rope_theta: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = Precision.HIGHEST
+    precision: Precision = FLOAT32
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embed_tokens = nn.Embed(self.vocab_size, self.hidden_size, **kw)
+        self.embed_tokens = nn.Embed(self.vocab_size, self.hidden_size)
         self.layers = [
             DecoderLayer(self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size,
-                         self.rms_norm_eps, self.rope_theta, precision=self.precision, **kw)
+                         self.rms_norm_eps, self.rope_theta, self.precision)
             for _ in range(self.num_layers)
         ]
-        self.norm = RMSNorm(self.rms_norm_eps, **kw)
+        self.norm = RMSNorm(self.rms_norm_eps)
 
     def embed(self, ids: Array) -> Array:
         """[B, T] text ids -> [B, T, D]."""
@@ -242,19 +214,15 @@ class CosyVoice3LM(nn.Module):
     intermediate_size: int
     rms_norm_eps: float
     rope_theta: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = Precision.HIGHEST
+    precision: Precision = FLOAT32
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.llm = Qwen2Model(self.vocab_size, self.hidden_size, self.num_layers, self.num_heads,
                               self.num_kv_heads, self.head_dim, self.intermediate_size, self.rms_norm_eps,
-                              self.rope_theta, precision=self.precision, **kw)
-        self.speech_embedding = nn.Embed(self.speech_vocab_size, self.hidden_size, **kw)
-        # Logits and log_softmax stay float32 whatever the activation dtype.
-        self.llm_decoder = nn.Dense(self.speech_vocab_size, use_bias=False, dtype=jnp.float32,
-                                    param_dtype=self.param_dtype, precision=Precision.HIGHEST)
+                              self.rope_theta, self.precision)
+        self.speech_embedding = nn.Embed(self.speech_vocab_size, self.hidden_size)
+        # Logits and log_softmax stay float32 whatever the stage's precision.
+        self.llm_decoder = Dense(self.speech_vocab_size, use_bias=False)
 
     def embed(self, ids: Array, is_speech: Array) -> Array:
         """Token layout -> embeddings [B, T, D].
@@ -266,7 +234,7 @@ class CosyVoice3LM(nn.Module):
         """
         text = self.llm.embed(jnp.where(is_speech, 0, ids))
         speech = self.speech_embedding(jnp.where(is_speech, ids, 0))
-        return jnp.where(is_speech[..., None], speech, text)
+        return jnp.where(is_speech[..., None], speech, text).astype(jnp.float32)
 
     def __call__(self, x, positions, mask, cache=None, write_index=None):
         """See ``Qwen2Model.__call__``."""
@@ -286,15 +254,19 @@ class CosyVoice3LM(nn.Module):
         return self.logits(hidden)
 
 
-def build_model(cfg: LLMConfig, dtype: Any = jnp.float32) -> CosyVoice3LM:
-    """The module for ``cfg`` computing in ``dtype`` (float32 parity path uses HIGHEST precision)."""
-    dtype = jnp.dtype(dtype)
-    precision = Precision.HIGHEST if dtype == jnp.float32 else Precision.DEFAULT
+def precision_of(params: Any) -> Precision:
+    """The LLM precision its params imply when none is given: bf16 compute for a bf16 checkpoint."""
+    dtype = jnp.dtype(params["llm_decoder"]["kernel"].dtype)
+    return BFLOAT16 if dtype == jnp.bfloat16 else FLOAT32
+
+
+def build_model(cfg: LLMConfig, precision: Precision = FLOAT32) -> CosyVoice3LM:
+    """The module for ``cfg`` computing under ``precision`` (float32: HIGHEST, upstream's numerics)."""
     return CosyVoice3LM(
         vocab_size=cfg.vocab_size, speech_vocab_size=cfg.speech_vocab_size, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta, dtype=dtype, param_dtype=dtype, precision=precision)
+        rope_theta=cfg.rope_theta, precision=precision)
 
 
 def param_shapes(cfg: LLMConfig) -> dict[str, Any]:

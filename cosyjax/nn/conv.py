@@ -18,7 +18,7 @@ class Conv1d(nn.Module):
 
     Causal convolutions are this module with ``padding=(k-1)*d, 0`` (left) or ``0, k-1`` (right).
     The operands take ``precision``'s compute dtype and accumulate in float32; the result (bias
-    added in float32) is returned in the compute dtype.
+    added) is float32, so elementwise work after it stays float32 and the next layer casts its input.
     """
 
     features: int
@@ -51,4 +51,4 @@ class Conv1d(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(jnp.float32)
-        return y.astype(dtype)
+        return y

@@ -10,8 +10,8 @@ from cosyjax.precision import FLOAT32, Precision
 
 
 class Dense(nn.Module):
-    """``x @ kernel + bias`` with operands in the compute dtype, float32 accumulation and bias; the
-    result is returned in the compute dtype (float32 under the parity policy)."""
+    """``x @ kernel + bias`` with operands in the compute dtype and float32 accumulation; the result
+    (bias added) is float32, so elementwise work after it stays float32 and the next layer casts its input."""
 
     features: int
     use_bias: bool = True
@@ -25,4 +25,4 @@ class Dense(nn.Module):
                                 precision=self.precision.lax_precision, preferred_element_type=jnp.float32)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return y.astype(dtype)
+        return y
