@@ -60,6 +60,20 @@ CONFIG.yaml (plain yaml; ``~`` marks an optional key and its default)::
       flow_cfg_rand: [0.9, 0.5, 0.1]       # ~ train_flow: forced torch.rand(b) of the CFG dropout
                                            #   (row dropped where <= training_cfg_rate = 0.2)
       flow_stream_cfg_rand: [0.05, 0.6, 0.8]  # ~ the same for train_flow_stream
+    dpo: false                      # ~ also write group train_dpo: upstream's DPO step (Qwen2LM.forward_dpo on
+                                    #   the policy and on a frozen reference model, DPOLoss, + the sft loss) and
+                                    #   torch autograd gradients of every policy parameter (see train.run_train_dpo);
+                                    #   the reference weights are model/llm.ref.pt (the policy's, perturbed)
+    dpo_case:                       # ~ used when dpo is true; per-row lists (one entry per preference pair)
+      text_len: [6, 3]              # ~ text tokens per row
+      chosen_len: [20, 9]           # ~ chosen speech tokens per row
+      rejected_len: [19, 16]        # ~ rejected speech tokens per row
+      policy_draws: [0.3, 0.7, 0.2, 0.1]   # ~ forced random.random() of the policy's forward_dpo: 2B rows,
+                                           #   chosen then rejected (bistream iff < 0.5 and eligible)
+      ref_draws: [0.6, 0.2, 0.4, 0.8]      # ~ the same for the reference model's forward_dpo
+      beta: 1.0                     # ~ DPOLoss beta (upstream trains with 0.01; 1.0 makes the preference
+                                    #   term's gradient as large as the sft term's, so the check covers it)
+      ref_noise: 0.1                # ~ reference weights = policy + ref_noise * std(param) * N(0, 1)
     case:                           # input lengths
       prompt_text_len: 5
       text_len: 7                   # min_len = 2*text_len, max_len = 20*text_len (upstream)
@@ -118,6 +132,10 @@ _SCHEMA: dict[str, Any] = {
                    "flow_draws": [0.9, 0.8, 0.2, 0.6], "flow_stream_draws": [0.1, 0.3, 0.7, 0.55],
                    "flow_prompt_fraction": [1.0, 0.5], "flow_cfg_rand": [0.9, 0.5, 0.1],
                    "flow_stream_cfg_rand": [0.05, 0.6, 0.8]},
+    "dpo": False,
+    "dpo_case": {"text_len": [6, 3], "chosen_len": [20, 9], "rejected_len": [19, 16],
+                 "policy_draws": [0.3, 0.7, 0.2, 0.1], "ref_draws": [0.6, 0.2, 0.4, 0.8], "beta": 1.0,
+                 "ref_noise": 0.1},
 }
 
 
@@ -214,20 +232,17 @@ def load_case_config(path: str) -> dict[str, Any]:
     if not isinstance(e["speed"], (int, float)) or isinstance(e["speed"], bool) or e["speed"] <= 0:
         raise MakeCaseError(f"e2e_case.speed={e['speed']!r}: expected a positive number")
     _check_train_case(cfg)
+    _check_dpo_case(cfg)
     for key in ("greedy_min_margin", "f0_median", "hift_conv_post_std"):
         if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool) or cfg[key] <= 0:
             raise MakeCaseError(f"{key}={cfg[key]!r}: expected a positive number")
     return cfg
 
 
-def _check_train_case(cfg: dict[str, Any]) -> None:
-    """Validate ``train`` / ``train_case`` (lists per row, forced draws in [0, 1))."""
-    if not isinstance(cfg["train"], bool):
-        raise MakeCaseError(f"train={cfg['train']!r}: expected true or false")
-    t = cfg["train_case"]
-
+def _number_lists(section: str, values: dict[str, Any]):
+    """A checker of ``section.key`` lists: ``numbers(key, kind, low, high=None, length=None)``."""
     def numbers(key: str, kind: type, low: float, high: float | None = None, length: int | None = None) -> list:
-        v = t[key]
+        v = values[key]
         ok = isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
         if ok and kind is int:
             ok = all(isinstance(x, int) for x in v)
@@ -235,10 +250,36 @@ def _check_train_case(cfg: dict[str, Any]) -> None:
             ok = all(x >= low and (high is None or x < high) for x in v)
         if not ok:
             bound = f"[{low}, {high})" if high is not None else f">= {low}"
-            raise MakeCaseError(f"train_case.{key}={v!r}: expected a non-empty list of {kind.__name__}s {bound}")
+            raise MakeCaseError(f"{section}.{key}={v!r}: expected a non-empty list of {kind.__name__}s {bound}")
         if length is not None and len(v) != length:
-            raise MakeCaseError(f"train_case.{key}: {len(v)} entries, expected {length} (one per row)")
+            raise MakeCaseError(f"{section}.{key}: {len(v)} entries, expected {length} (one per row)")
         return v
+
+    return numbers
+
+
+def _check_dpo_case(cfg: dict[str, Any]) -> None:
+    """Validate ``dpo`` / ``dpo_case`` (lists per row; 2B forced draws per model in [0, 1))."""
+    if not isinstance(cfg["dpo"], bool):
+        raise MakeCaseError(f"dpo={cfg['dpo']!r}: expected true or false")
+    d = cfg["dpo_case"]
+    numbers = _number_lists("dpo_case", d)
+    rows = len(numbers("text_len", int, 1))
+    numbers("chosen_len", int, 1, length=rows)
+    numbers("rejected_len", int, 1, length=rows)
+    for key in ("policy_draws", "ref_draws"):
+        numbers(key, float, 0.0, 1.0, length=2 * rows)
+    for key in ("beta", "ref_noise"):
+        if not isinstance(d[key], (int, float)) or isinstance(d[key], bool) or d[key] <= 0:
+            raise MakeCaseError(f"dpo_case.{key}={d[key]!r}: expected a positive number")
+
+
+def _check_train_case(cfg: dict[str, Any]) -> None:
+    """Validate ``train`` / ``train_case`` (lists per row, forced draws in [0, 1))."""
+    if not isinstance(cfg["train"], bool):
+        raise MakeCaseError(f"train={cfg['train']!r}: expected true or false")
+    t = cfg["train_case"]
+    numbers = _number_lists("train_case", t)
 
     rows = len(numbers("llm_text_len", int, 1))
     numbers("llm_speech_len", int, 1, length=rows)

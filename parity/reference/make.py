@@ -35,7 +35,7 @@ from cosyjax.parity.reference.hift import run_hift, scale_hift
 from cosyjax.parity.reference.llm import choose_decoder_gain, lm_prefix, run_llm, run_llm_greedy
 from cosyjax.parity.reference.release import (QWEN_DIR, build_models, load_weights, randomize, render_yaml,
                                               write_qwen_dir)
-from cosyjax.parity.reference.train import run_train
+from cosyjax.parity.reference.train import REF_FILE, run_train, run_train_dpo, write_dpo_reference
 from cosyjax.parity.reference.tts import run_tts
 
 
@@ -63,10 +63,12 @@ def case_inputs(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
 
 def run_all(models: dict[str, Any], inp: dict[str, Any], hift_mel_len: int,
             e2e: tuple[dict[str, Any], int] | None = None,
-            train: tuple[dict[str, Any], int] | None = None) -> tuple[Arrays, dict[str, Any]]:
+            train: tuple[dict[str, Any], int] | None = None,
+            dpo: tuple[dict[str, Any], int, str] | None = None) -> tuple[Arrays, dict[str, Any]]:
     """Run every group on ``models`` with the case inputs ``inp``; (golden arrays, per-group info).
 
-    ``e2e`` / ``train`` = (case config, seed) add the tts / training groups.
+    ``e2e`` / ``train`` = (case config, seed) add the tts / training groups; ``dpo`` = (case config,
+    seed, model dir) the DPO group (its reference weights are read from the model dir).
     """
     out = Arrays()
     info: dict[str, Any] = {}
@@ -78,6 +80,8 @@ def run_all(models: dict[str, Any], inp: dict[str, Any], hift_mel_len: int,
         info["tts"] = run_tts(models, inp, e2e[0], e2e[1], out)
     if train is not None:  # last: the groups above are unchanged by it
         info["train"] = run_train(models, train[0], train[1], out)
+    if dpo is not None:  # last: the groups above are unchanged by it
+        info["train_dpo"] = run_train_dpo(models["llm"], dpo[2], dpo[0], dpo[1], out)
     return out, info
 
 
@@ -178,18 +182,21 @@ def make_case(reference_repo: str, config_path: str, seed: int, out_dir: str, *,
             for stage, module in models.items():
                 sd = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
                 torch.save(sd, os.path.join(model_dir, f"{stage}.pt"))
+            if cfg["dpo"]:
+                write_dpo_reference(models["llm"], cfg, seed, os.path.join(model_dir, REF_FILE))
 
             log("running every group on the in-memory model")
             e2e = (cfg, seed) if cfg["e2e"] else None
             train = (cfg, seed) if cfg["train"] else None
-            first, _ = run_all(models, inp, cfg["case"]["hift_mel_len"], e2e, train)
+            dpo = (cfg, seed, model_dir) if cfg["dpo"] else None
+            first, _ = run_all(models, inp, cfg["case"]["hift_mel_len"], e2e, train, dpo)
             del models
 
             log("rebuilding from the written release dir (load_hyperpyyaml + strict load_state_dict)")
             models = build_models(model_dir)
             load_weights(models, model_dir)
             log("running every group on the reloaded model")
-            golden, run_info = run_all(models, inp, cfg["case"]["hift_mel_len"], e2e, train)
+            golden, run_info = run_all(models, inp, cfg["case"]["hift_mel_len"], e2e, train, dpo)
             del models
             bad = _compare(first, golden)
             if bad:
@@ -247,10 +254,17 @@ def make_case(reference_repo: str, config_path: str, seed: int, out_dir: str, *,
                 "cosyvoice.flow.flow, torch.rand/randn_like in cosyvoice.flow.flow_matching); replaying the recorded "
                 "draws after reseeding every global RNG reproduces loss and gradients bitwise; the bistream flags "
                 "agree with lm_target's fill tokens, the prompt lengths with the cond compute_loss received",
-            ] if "train" in run_info else []),
+            ] if "train" in run_info else []) + ([
+                "train_dpo: Qwen2LM.forward_dpo run unmodified on the policy and the reference (model/llm.ref.pt), "
+                "with llm_embedding given as speech_embedding's weight and the empty instruct at the model's width "
+                "(forward_dpo reads CosyVoice2's llm_embedding and builds a 896-wide empty instruct); every draw "
+                "recorded, the replay after reseeding reproduces loss and gradients bitwise; layouts agree with "
+                "the draws",
+            ] if "train_dpo" in run_info else []),
             "llm_greedy": greedy,
             **({"tts": run_info["tts"]} if "tts" in run_info else {}),
             **({"train": run_info["train"]} if "train" in run_info else {}),
+            **({"train_dpo": run_info["train_dpo"]} if "train_dpo" in run_info else {}),
             "hift_stats": hift_stats,
             "noise": {
                 "flow": "CausalConditionalCFM.__init__ calls set_all_random_seed(0) (random, numpy, torch global "

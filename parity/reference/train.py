@@ -263,3 +263,186 @@ def run_train(models: dict[str, Any], cfg: dict[str, Any], seed: int, out: Array
     batch = _train_inputs(cfg, seed)
     return {**_run_train_llm(models["llm"], batch["llm"], cfg, out),
             **_run_train_flow(models["flow"], batch["flow"], cfg, seed, out)}
+
+
+# --------------------------------------------------------------------------------------------
+# DPO (group train_dpo)
+# --------------------------------------------------------------------------------------------
+REF_FILE = "llm.ref.pt"  # the frozen reference model of the DPO group, beside the case's llm.pt
+
+
+def write_dpo_reference(lm: Any, cfg: dict[str, Any], seed: int, path: str) -> None:
+    """The reference weights: each policy parameter plus ``ref_noise * std(param) * N(0, 1)``.
+
+    Perturbed per parameter (``named_parameters``), so tied tensors (Qwen's lm_head and embed_tokens)
+    stay equal, as a real checkpoint's are.
+    """
+    import copy
+
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 1000003 + 67)
+    noise = float(cfg["dpo_case"]["ref_noise"])
+    ref = copy.deepcopy(lm)
+    with torch.no_grad():
+        for _, p in ref.named_parameters():
+            if p.numel() > 1:
+                p.add_(noise * float(p.std()) * torch.randn(p.shape, generator=gen))
+    torch.save({k: v.detach().clone().contiguous() for k, v in ref.state_dict().items()}, path)
+
+
+def _dpo_inputs(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A padded DPO batch (upstream's ``padding(dpo=True)``: reject_speech_token beside speech_token)."""
+    import torch
+
+    d = cfg["dpo_case"]
+    gen = torch.Generator().manual_seed(seed * 1000003 + 71)
+
+    def padded(lengths, upper):
+        rows = [torch.randint(0, upper, (n,), generator=gen) for n in lengths]
+        out = torch.zeros(len(rows), max(lengths), dtype=torch.int64)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+        return out, torch.tensor(lengths, dtype=torch.int32)
+
+    text, text_len = padded(d["text_len"], cfg["qwen"]["vocab_size"])
+    chosen, chosen_len = padded(d["chosen_len"], cfg["speech_token_size"])
+    rejected, rejected_len = padded(d["rejected_len"], cfg["speech_token_size"])
+    return {"text_token": text, "text_token_len": text_len, "speech_token": chosen, "speech_token_len": chosen_len,
+            "reject_speech_token": rejected, "reject_speech_token_len": rejected_len}
+
+
+def run_train_dpo(lm: Any, model_dir: str, cfg: dict[str, Any], seed: int, out: Arrays) -> dict[str, Any]:
+    """Group ``train_dpo``: upstream's DPO step (``batch_forward`` with ``ref_model`` and ``dpo_loss``).
+
+    ``Qwen2LM.forward_dpo`` runs unmodified on the policy (the case's LLM) and, under no_grad, on the
+    reference (``model/llm.ref.pt``), then ``DPOLoss(beta)`` and ``loss = preference + sft``, with
+    autograd.  forward_dpo was written for CosyVoice2's Qwen2LM and fails on CosyVoice3LM in two
+    places; the capture supplies what it reads, as CosyVoice3LM.forward does it:
+
+    - ``self.llm_embedding.weight[sos / task_id]``: CosyVoice3LM has no llm_embedding; its sos and
+      task_id rows are in ``speech_embedding`` (CosyVoice3LM.forward reads them there), so
+      ``llm_embedding`` is given as a holder of ``speech_embedding.weight`` (the same tensor);
+    - ``prepare_lm_input_target`` without instruct tokens builds ``torch.empty(0, 896)``, the
+      full-size width; the capture passes empty instruct tensors of the model's width instead (the
+      same zero rows at any width);
+    - ``th_accuracy(chosen_logits.view(-1, self.speech_token_size + 3), ...)`` assumes CosyVoice2's
+      output width; ``speech_token_size`` (read nowhere else in forward_dpo) is set to the decoder's
+      width - 3 for the call, so the view is CosyVoice3LM's ``speech_token_size + 200``.
+
+    The bistream draws (2B per forward, policy first) are forced and recorded by a tap on
+    ``random`` in ``cosyvoice.llm.llm``; the group is replayed with reseeded global RNGs and must
+    reproduce loss and gradients bitwise.
+    """
+    import copy
+    import os
+    import types
+
+    import torch
+    from cosyvoice.llm.llm import Qwen2LM
+    from cosyvoice.utils.losses import DPOLoss
+
+    d = cfg["dpo_case"]
+    llm_module = sys.modules[Qwen2LM.forward_dpo.__module__]
+    batch = _dpo_inputs(cfg, seed)
+    ref = copy.deepcopy(lm)
+    ref.load_state_dict(torch.load(os.path.join(model_dir, REF_FILE), map_location="cpu", weights_only=True),
+                        strict=True)
+    ref.eval()
+    width = lm.llm_input_size
+    criterion = DPOLoss(beta=float(d["beta"]), label_smoothing=0.0, ipo=False)
+
+    def shimmed(module: Any, layouts: list) -> None:
+        original = module.prepare_lm_input_target
+
+        def prepare(*args, **kwargs):
+            if len(args) < 9 and kwargs.get("instruct_token") is None:  # forward_dpo passes no instruct
+                rows = args[1].shape[0]
+                kwargs.update(instruct_token=torch.zeros(rows, 0, dtype=args[1].dtype),
+                              instruct_token_emb=torch.zeros(rows, 0, width, dtype=args[2].dtype),
+                              instruct_token_len=torch.zeros(rows, dtype=args[3].dtype))
+            target, lm_input, lm_input_len = original(*args, **kwargs)
+            layouts.append((target.detach().clone(), lm_input_len.detach().clone()))
+            return target, lm_input, lm_input_len
+
+        module.prepare_lm_input_target = prepare
+        module.llm_embedding = types.SimpleNamespace(weight=module.speech_embedding.weight)
+        module.speech_token_size = module.llm_decoder.out_features - 3  # read only by th_accuracy's view
+
+    def unshim(module: Any) -> None:
+        del module.prepare_lm_input_target
+        del module.llm_embedding
+        module.speech_token_size = module.llm_decoder.out_features - 200
+
+    def run(tap):
+        layouts: list = []
+        shimmed(lm, layouts)
+        shimmed(ref, layouts)
+
+        def step():
+            policy = Qwen2LM.forward_dpo(lm, batch, torch.device("cpu"))
+            with torch.no_grad():
+                reference = Qwen2LM.forward_dpo(ref, batch, torch.device("cpu"))
+            pref, chosen_reward, reject_reward = criterion(policy["chosen_logps"], policy["rejected_logps"],
+                                                           reference["chosen_logps"], reference["rejected_logps"])
+            return {"loss": pref + policy["loss"], "sft_loss": policy["loss"], "dpo_loss": pref, "acc": policy["acc"],
+                    "chosen_logps": policy["chosen_logps"], "rejected_logps": policy["rejected_logps"],
+                    "ref_chosen_logps": reference["chosen_logps"], "ref_rejected_logps": reference["rejected_logps"],
+                    "chosen_reward": chosen_reward, "reject_reward": reject_reward}
+
+        try:
+            with patched(llm_module, "random", tap):
+                res = loss_and_grads(lm, step)
+        finally:
+            unshim(lm)
+            unshim(ref)
+        return res, layouts
+
+    tap = RandomTap(script=list(d["policy_draws"]) + list(d["ref_draws"]))
+    first, layouts = run(tap)
+    perturb_global_rngs()
+    replayed, _ = run(RandomTap(replay=tap.calls))
+    if not same_run(first, replayed):
+        raise MakeCaseError("train_dpo: replaying the recorded draws does not reproduce the loss and gradients")
+    rows = batch["text_token"].shape[0]
+    if [c[0] for c in tap.calls] != ["random"] * (4 * rows) or len(layouts) != 2:
+        raise MakeCaseError(f"train_dpo: expected 2B random.random() per forward and two layouts, upstream drew "
+                            f"{tap.calls}")
+    draws = [c[2] for c in tap.calls]
+    m0, m1 = lm.mix_ratio
+    text_len = batch["text_token_len"].tolist() * 2
+    speech_len = batch["speech_token_len"].tolist() + batch["reject_speech_token_len"].tolist()
+    flags = []
+    for part, (target, _) in enumerate(layouts):
+        part_draws = draws[2 * rows * part:2 * rows * (part + 1)]
+        bistream = [x < 0.5 and n / max(lt, 1) > m1 / m0 for x, lt, n in zip(part_draws, text_len, speech_len)]
+        for i in range(2 * rows):  # the layout upstream made agrees with the draw
+            if bool((target[i] == lm.fill_token).any()) != (bistream[i] and text_len[i] >= m0):
+                raise MakeCaseError(f"train_dpo: layout row {i} of forward {part} disagrees with its draw")
+        flags.append((part_draws, bistream))
+    (res, grads) = first
+    g = "train_dpo"
+    for key in ("text_token", "speech_token", "reject_speech_token"):
+        out.put(f"{g}/{key}", batch[key], f"(B, max len) {key} ids, right-padded with 0 (upstream's padding, dpo=True)")
+        out.put(f"{g}/{key}_len", batch[f"{key}_len"], "(B,) valid ids per row")
+    for name, (part_draws, bistream), (target, lengths) in zip(("policy", "ref"), flags, layouts):
+        out.put(f"{g}/{name}_draw", np.asarray(part_draws, np.float32),
+                f"(2B,) random.random() per row of the {name} forward_dpo (chosen rows, then rejected), forced")
+        out.put(f"{g}/{name}_bistream", np.asarray(bistream, np.int64),
+                "(2B,) 1 where the row was laid out bistream (draw < 0.5 and speech/text > 15/5)")
+        out.put(f"{g}/{name}_lm_target", target, f"(2B, T) lm_target of the {name} forward (IGNORE_ID = -1 padding)")
+        out.put(f"{g}/{name}_lm_input_len", lengths, f"(2B,) lm_input length per row of the {name} forward")
+    out.put(f"{g}/beta", np.float32(d["beta"]), "DPOLoss beta of this case (upstream trains with 0.01)")
+    for key in ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
+        out.put(f"{g}/{key}", res[key], f"(B,) forward_dpo {key.replace('ref_', '')} of the "
+                f"{'reference' if key.startswith('ref_') else 'policy'}: mean log-prob of token 0 over the "
+                "lm_target == IGNORE_ID positions (upstream's mask, padding included)")
+    out.put(f"{g}/chosen_reward", res["chosen_reward"], "(B,) beta * (policy - reference) chosen logps")
+    out.put(f"{g}/reject_reward", res["reject_reward"], "(B,) beta * (policy - reference) rejected logps")
+    out.put(f"{g}/sft_loss", res["sft_loss"], "forward_dpo loss: LabelSmoothingLoss on the chosen rows")
+    out.put(f"{g}/dpo_loss", res["dpo_loss"], "DPOLoss: mean over rows of -logsigmoid(beta * logit ratio difference)")
+    out.put(f"{g}/loss", res["loss"], "dpo_loss + sft_loss (train_utils.batch_forward)")
+    out.put(f"{g}/acc", res["acc"], "th_accuracy on the chosen rows")
+    _put_grads(out, g, grads, f"{g}/loss")
+    return {g: {"loss": float(res["loss"]), "dpo_loss": float(res["dpo_loss"]), "sft_loss": float(res["sft_loss"]),
+                "policy_bistream": flags[0][1], "ref_bistream": flags[1][1]}}
