@@ -59,6 +59,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="override the yaml's batch.max_frames_in_batch")
     p.add_argument("--min-length-bucket", type=int, default=None,
                    help="pad every batch to at least this length (LLM positions, flow tokens): fewer compiles")
+    p.add_argument("--min-rows-bucket", type=int, default=None,
+                   help="pad every batch to at least this many rows (a short last batch then reuses the step)")
     p.add_argument("--data-ranks", type=int, default=None,
                    help="data shards split over this many ranks (default: the process count)")
     p.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0 (jax.distributed)")
@@ -76,6 +78,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     logger = logging.getLogger("cosyjax")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)  # ours only: orbax/absl stay at their own levels
+    logger.propagate = False
     options = RunOptions(
         config=args.config, data=args.data, model=args.model, out=args.out, init=args.init, cv_data=args.cv_data,
         tokenizer=args.tokenizer, max_steps=args.max_steps, max_epochs=args.max_epochs, seed=args.seed,
@@ -84,7 +87,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dpo=args.dpo, ref=args.ref, dpo_mask=args.dpo_mask, dpo_beta=args.dpo_beta, save_every=args.save_every,
         keep=args.keep or None, log_every=args.log_every, eval_every=args.eval_every, average=args.average,
         average_by=args.average_by, export=not args.no_export, data_ranks=args.data_ranks,
-        max_frames_in_batch=args.max_frames_in_batch, min_length_bucket=args.min_length_bucket)
+        max_frames_in_batch=args.max_frames_in_batch, min_length_bucket=args.min_length_bucket,
+        min_rows_bucket=args.min_rows_bucket)
     summary = run(options, coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
     print(json.dumps(summary))
     return 0

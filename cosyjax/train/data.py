@@ -275,7 +275,8 @@ def compute_features(rows: Iterable[dict[str, Any]], conf: DataConfig, mel: MelC
 
 
 def parse_embedding(rows: Iterable[dict[str, Any]], conf: DataConfig) -> Iterator[dict[str, Any]]:
-    """Float32 embeddings, L2-normalised when ``normalize_embedding``; ``embedding`` picked per ``use_spk_embedding``."""
+    """Float32 embeddings, L2-normalised when ``normalize_embedding``; ``embedding`` is the utterance's or,
+    with ``use_spk_embedding``, the speaker's."""
     for row in rows:
         for key in ("utt_embedding", "spk_embedding"):
             v = np.asarray(row[key], np.float32)

@@ -62,55 +62,69 @@ def _path(path: Sequence[Any]) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def target_kernels(params: Any, cfg: LoraConfig) -> dict[str, tuple[int, int]]:
-    """``"a/b/q_proj"`` -> (in, out) for every 2-D kernel whose module is a target.
+def target_kernels(params: Any, cfg: LoraConfig) -> dict[tuple[str, ...], tuple[int, int]]:
+    """Module path (e.g. ``("llm", "layers_0", "self_attn", "q_proj")``) -> (in, out) of every target kernel.
 
-    Raises ValueError when a target name matches no kernel (a typo would otherwise train nothing).
+    Raises ValueError when a target name matches no 2-D kernel (a typo would otherwise train nothing).
     """
-    found: dict[str, tuple[int, int]] = {}
+    found: dict[tuple[str, ...], tuple[int, int]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         parts = _path(path)
         if len(parts) >= 2 and parts[-1] == "kernel" and parts[-2] in cfg.targets and np.ndim(leaf) == 2:
-            found["/".join(parts[:-1])] = tuple(np.shape(leaf))
-    unused = [t for t in cfg.targets if not any(k.split("/")[-1] == t for k in found)]
+            found[parts[:-1]] = tuple(np.shape(leaf))
+    unused = [t for t in cfg.targets if not any(k[-1] == t for k in found)]
     if unused:
         raise ValueError(f"LoRA targets {unused} match no 2-D kernel of the model")
     return found
 
 
-def init_lora(params: Any, cfg: LoraConfig, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """Adapters {module path: {"a": [in, r] N(0, 1/in), "b": [r, out] zeros}} (float32, numpy)."""
+def init_lora(params: Any, cfg: LoraConfig, seed: int) -> dict[str, Any]:
+    """Adapters as a tree mirroring ``params``: at each target module {"a": [in, r] N(0, 1/in), "b": [r, out] zeros}
+    (float32 numpy)."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for name, (fan_in, fan_out) in sorted(target_kernels(params, cfg).items()):
-        out[name] = {"a": (rng.standard_normal((fan_in, cfg.rank)) / np.sqrt(fan_in)).astype(np.float32),
-                     "b": np.zeros((cfg.rank, fan_out), np.float32)}
+    out: dict[str, Any] = {}
+    for path, (fan_in, fan_out) in sorted(target_kernels(params, cfg).items()):
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node["a"] = (rng.standard_normal((fan_in, cfg.rank)) / np.sqrt(fan_in)).astype(np.float32)
+        node["b"] = np.zeros((cfg.rank, fan_out), np.float32)
     return out
 
 
-def merge_lora(params: Any, adapters: Mapping[str, Mapping[str, Any]], cfg: LoraConfig) -> Any:
-    """``params`` with each target kernel replaced by ``W + scale * a @ b`` (same dtype as W).  Jittable.
+def _adapter_paths(adapters: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if set(adapters) == {"a", "b"} and not isinstance(adapters["a"], Mapping):
+        return [prefix]
+    out = []
+    for key, value in adapters.items():
+        if not isinstance(value, Mapping):
+            raise ValueError(f"LoRA adapters: {'/'.join(prefix + (key,))} is not a module of {{'a', 'b'}}")
+        out += _adapter_paths(value, prefix + (key,))
+    return out
+
+
+def merge_lora(params: Any, adapters: Mapping[str, Any], cfg: LoraConfig) -> Any:
+    """``params`` with each adapted kernel replaced by ``W + scale * a @ b`` (same dtype as W).  Jittable.
 
     The product is accumulated in float32 and added to W in float32, so merging float32 masters is
     exact to float32 rounding; bf16 compute merges bf16 copies.
     """
-    missing = [name for name in adapters if not isinstance(adapters[name], Mapping)]
-    if missing:
-        raise ValueError(f"LoRA adapters {missing}: expected {{'a', 'b'}} per module")
+    wanted = set(_adapter_paths(adapters))
     seen = set()
 
     def merge(path, leaf):
         parts = _path(path)
-        name = "/".join(parts[:-1])
-        if parts[-1] != "kernel" or name not in adapters:
+        if parts[-1] != "kernel" or parts[:-1] not in wanted:
             return leaf
-        seen.add(name)
-        a, b = adapters[name]["a"], adapters[name]["b"]
-        delta = jnp.matmul(jnp.asarray(a), jnp.asarray(b), preferred_element_type=jnp.float32)
+        seen.add(parts[:-1])
+        node = adapters
+        for part in parts[:-1]:
+            node = node[part]
+        delta = jnp.matmul(jnp.asarray(node["a"]), jnp.asarray(node["b"]), preferred_element_type=jnp.float32)
         return (jnp.asarray(leaf, jnp.float32) + cfg.scale * delta).astype(jnp.asarray(leaf).dtype)
 
     merged = jax.tree_util.tree_map_with_path(merge, params)
-    unknown = sorted(set(adapters) - seen)
+    unknown = sorted("/".join(p) for p in wanted - seen)
     if unknown:
         raise ValueError(f"LoRA adapters for modules the params do not have: {unknown}")
     return merged

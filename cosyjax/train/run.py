@@ -101,6 +101,7 @@ class RunOptions:
     data_ranks: int | None = None
     max_frames_in_batch: int | None = None
     min_length_bucket: int | None = None
+    min_rows_bucket: int | None = None
 
     def check(self) -> None:
         if self.model not in ("llm", "flow"):
@@ -114,7 +115,7 @@ class RunOptions:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise TrainError(f"--compute-dtype {self.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
         for name in ("max_steps", "max_epochs", "save_every", "log_every", "eval_every", "data_ranks", "lora_rank",
-                     "max_frames_in_batch", "min_length_bucket"):
+                     "max_frames_in_batch", "min_length_bucket", "min_rows_bucket"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainError(f"--{name.replace('_', '-')} {value}: expected >= 1")
@@ -179,7 +180,7 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         if num_processes not in (None, 1):
             raise TrainError(f"--num-processes {num_processes} needs --coordinator (host:port of process 0)")
         return 0, 1
-    if jax.process_count() == 1 and not _distributed_started():
+    if not _distributed_started():  # (asking jax.process_count() first would start the backend too early)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes, process_id)
     return jax.process_index(), jax.process_count()
@@ -527,8 +528,8 @@ def run(options: RunOptions, *, coordinator: str | None = None, num_processes: i
                              "--no-export") from e
 
     train_conf, conf_defaulted = train_conf_from_yaml(options.config)
-    overrides = {k: getattr(options, k) for k in ("max_frames_in_batch", "min_length_bucket")
-                 if getattr(options, k) is not None}
+    buckets = ("max_frames_in_batch", "min_length_bucket", "min_rows_bucket")
+    overrides = {k: getattr(options, k) for k in buckets if getattr(options, k) is not None}
     data_conf = DataConfig.from_yaml(options.config, **overrides)
     if conf_defaulted:
         log.info("train_conf: %s not in %s: upstream's cosyvoice3.yaml values used (%s)", ", ".join(conf_defaulted),
