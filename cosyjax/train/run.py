@@ -723,8 +723,12 @@ def export_run(options: RunOptions, model: Any, like: TrainState, ckpt_dir: str,
              else [ckpt.latest_checkpoint(ckpt_dir)])
     params = average_checkpoints(paths, jax.tree.map(np.asarray, like), effective)
     tuned = dataclasses.replace(model, params={**model.params, options.model: params})
-    template = options.init if options.init and _is_release(options.init) else (
-        os.path.dirname(os.path.abspath(options.config)) if not options.init else None)
+    # the release's yaml, tokenizer and ONNX files go beside the .pt files, so the export loads as a release;
+    # a release beside --config only when it describes this model
+    from cosyjax.config import load_model_config
+
+    candidates = [options.init, os.path.dirname(os.path.abspath(options.config))]
+    template = next((c for c in candidates if c and _is_release(c) and load_model_config(c) == model.config), None)
     out = export_to_dir(tuned, os.path.join(run_dir, "export"), template_dir=template, overwrite=True)
     with open(os.path.join(out, "EXPORT.json"), "w", encoding="utf-8") as f:
         json.dump({"checkpoints": [os.path.basename(p) for p in paths], "lora_merged": bool(options.lora_rank),
