@@ -31,7 +31,8 @@ Steps (one optimizer step = ``accum_grad`` batches from every data rank, as upst
 
 Multi-host: ``init_distributed`` calls ``jax.distributed.initialize`` from the options or, when none
 are given, from ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` or torchrun's
-``MASTER_ADDR`` / ``MASTER_PORT`` / ``WORLD_SIZE`` / ``RANK``.  Process 0 writes every file.
+``MASTER_ADDR`` / ``MASTER_PORT`` / ``WORLD_SIZE`` / ``RANK``.  Process 0 writes every file; resuming reads the run
+directory on every process, so it must be on storage they all see (as upstream's ``model_dir``).
 """
 
 from __future__ import annotations
@@ -624,12 +625,25 @@ def run(options: RunOptions, *, coordinator: str | None = None, num_processes: i
             weight += w
         return total / weight if weight else None
 
-    def save(current, epoch_now: int, steps_into: int, eval_loss: float | None) -> None:
+    # Every process takes the same decisions (evaluate, save) from these, never from files only process 0 writes.
+    evaluated: dict[int, float | None] = {}
+    saved = set(ckpt.checkpoint_steps(ckpt_dir)) if latest is not None else set()
+
+    def evaluate_at(current, step: int, epoch_now: int) -> float | None:
+        if step not in evaluated:
+            evaluated[step] = evaluate(current)
+            if evaluated[step] is not None:
+                metrics.write({"step": step, "epoch": epoch_now, "eval_loss": evaluated[step]}, "cv")
+        return evaluated[step]
+
+    def save(current, step: int, epoch_now: int, steps_into: int) -> None:
+        eval_loss = evaluate_at(current, step, epoch_now)  # each checkpoint knows its eval loss (--average-by)
         host = to_host(current)
         if lead:
             ckpt.save_checkpoint(ckpt_dir, host, keep=options.keep,
                                  metadata={"run": _identity(options), "epoch": epoch_now,
                                            "steps_into_epoch": steps_into, "eval_loss": eval_loss})
+        saved.add(step)
         _barrier("checkpoint")
 
     step_now = int(host_state.step)
@@ -655,25 +669,20 @@ def run(options: RunOptions, *, coordinator: str | None = None, num_processes: i
                 metrics.write(last, "train")
                 log.info("step %d epoch %d loss %.5f grad_norm %.4g lr %.3g", step_now, epoch, host["loss"],
                          host["grad_norm"], host["lr"])
-            eval_now = options.eval_every is not None and step_now % options.eval_every == 0
-            eval_loss = evaluate(state) if eval_now else None
-            if eval_loss is not None:
-                metrics.write({"step": step_now, "epoch": epoch, "eval_loss": eval_loss}, "cv")
+            if options.eval_every is not None and step_now % options.eval_every == 0:
+                evaluate_at(state, step_now, epoch)
             if save_every and step_now % save_every == 0:
-                save(state, epoch, steps_into, eval_loss)
+                save(state, step_now, epoch, steps_into)
             if options.max_steps is not None and step_now >= options.max_steps:
                 done = True
                 break
         if not done:
             epoch += 1
             if not save_every:  # upstream's save_per_step -1: a checkpoint per epoch
-                save(state, epoch, 0, evaluate(state))
-    evaluated = [r for r in read_metrics(run_dir) if "eval_loss" in r and r["step"] == step_now] if lead else []
-    final_eval = evaluated[-1]["eval_loss"] if evaluated else evaluate(state)
-    if final_eval is not None and not evaluated:
-        metrics.write({"step": step_now, "epoch": epoch, "eval_loss": final_eval}, "cv")
-    if step_now not in ckpt.checkpoint_steps(ckpt_dir):
-        save(state, epoch, steps_into if done else 0, final_eval)
+                save(state, step_now, epoch, 0)
+    final_eval = evaluate_at(state, step_now, epoch)
+    if step_now not in saved:
+        save(state, step_now, epoch, steps_into if done else 0)
     metrics.close()
     summary: dict[str, Any] = {"step": step_now, "loss": last.get("loss"), "eval_loss": final_eval,
                                "run_dir": run_dir, "seconds": round(time.time() - start_time, 2)}
