@@ -504,6 +504,25 @@ def pick_checkpoints(run_dir: str, num: int, by: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
+def prepare_params(options: RunOptions) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, trained params, frozen params): the stage's float32 params or LoRA adapters, and the frozen
+    LoRA base (``"base"``) and DPO reference (``"ref"``)."""
+    model = load_model(options.init) if options.init else random_model(options.config, options.seed)
+    if model.config.mel is None:
+        raise TrainError("the release yaml has no feat_extractor (the mel the flow is trained on)")
+    base = jax.tree.map(lambda x: np.asarray(x, np.float32), model.params[options.model])
+    frozen: dict[str, Any] = {}
+    trainable = base
+    if options.lora_rank:
+        from cosyjax.train.lora import init_lora
+
+        trainable = init_lora(base, lora_config(options), options.seed)
+        frozen["base"] = base
+    if options.dpo:
+        frozen["ref"] = jax.tree.map(lambda x: np.asarray(x, np.float32), load_reference(options.ref))
+    return model, trainable, frozen
+
+
 def _compute_dtype(name: str) -> Any:
     if name == "auto":
         name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -541,22 +560,9 @@ def run(options: RunOptions, *, coordinator: str | None = None, num_processes: i
     optimizer, accum = optimizer_from_train_conf(train_conf)
     compute_dtype, compute_name = _compute_dtype(options.compute_dtype)
 
-    model = load_model(options.init) if options.init else random_model(options.config, options.seed)
+    model, trainable, frozen = prepare_params(options)
     cfg = model.config
-    if cfg.mel is None:
-        raise TrainError("the release yaml has no feat_extractor (the mel the flow is trained on)")
     model_cfg = cfg.llm if options.model == "llm" else cfg.flow
-    base = jax.tree.map(lambda x: np.asarray(x, np.float32), model.params[options.model])
-    frozen: dict[str, Any] = {}
-    if options.lora_rank:
-        from cosyjax.train.lora import init_lora
-
-        trainable = init_lora(base, lora_config(options), options.seed)
-        frozen["base"] = base
-    else:
-        trainable = base
-    if options.dpo:
-        frozen["ref"] = jax.tree.map(lambda x: np.asarray(x, np.float32), load_reference(options.ref))
 
     from cosyjax.frontend.tokenizer import CosyVoice3Tokenizer
 
