@@ -38,6 +38,7 @@ directory on every process, so it must be on storage they all see (as upstream's
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -540,12 +541,9 @@ def run(options: RunOptions, *, coordinator: str | None = None, num_processes: i
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if lead:
         os.makedirs(run_dir, exist_ok=True)
-    if options.export:
-        try:
-            import torch  # noqa: F401  (the export writes torch .pt files)
-        except ImportError as e:
-            raise TrainError("exporting upstream .pt files needs torch: pip install 'cosyjax[convert]', or pass "
-                             "--no-export") from e
+    if options.export and importlib.util.find_spec("torch") is None:  # the export (cosyjax.convert) writes .pt files
+        raise TrainError("exporting upstream .pt files needs torch: pip install 'cosyjax[convert]', or pass "
+                         "--no-export")
 
     train_conf, conf_defaulted = train_conf_from_yaml(options.config)
     buckets = ("max_frames_in_batch", "min_length_bucket", "min_rows_bucket")
