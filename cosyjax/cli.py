@@ -8,6 +8,7 @@ Commands:
   cosyjax parity check --case DIR --out REPORT_DIR [--stages llm,flow,hift]
   cosyjax parity make-case --reference-repo PATH --config CONFIG.yaml --seed N --out DIR
   cosyjax parity live --reference-repo PATH --model-dir M --out REPORT_DIR
+  cosyjax train --config CONF.yaml --data data.list --model llm|flow --out RUN [--init M] [--lora R] [--dpo --ref M]
 """
 
 from __future__ import annotations
@@ -311,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the random test inputs")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_live)
+
+    from cosyjax.train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

@@ -27,18 +27,20 @@ LIVE_LENGTHS = {"prompt_text_len": 12, "text_len": 16, "prompt_speech_len": 40, 
 
 def capture_live_case(reference_repo: str, model_dir: str, case_dir: str, *, seed: int = 0) -> str:
     """Run upstream on ``model_dir``'s real weights and write a case (arrays + a link to the release)."""
-    from cosyjax.parity import make_case as mc
+    from cosyjax.parity.reference.capture import torch_reference_mode
+    from cosyjax.parity.reference.make import case_inputs, run_all
+    from cosyjax.parity.reference.release import build_models, load_weights
     from cosyjax.parity.upstream import import_upstream
 
     info = import_upstream(reference_repo)
     cfg = load_model_config(model_dir)
     case_cfg = {"case": dict(LIVE_LENGTHS), "qwen": {"vocab_size": cfg.llm.vocab_size},
                 "speech_token_size": cfg.llm.speech_token_size, "spk_embed_dim": cfg.flow.spk_embed_dim}
-    with mc._torch_reference_mode():
-        models = mc.build_models(model_dir)
-        mc.load_weights(models, model_dir)
-        inputs = mc._inputs(case_cfg, seed)
-        golden, run_info = mc._run_all(models, inputs, LIVE_LENGTHS["hift_mel_len"])
+    with torch_reference_mode():
+        models = build_models(model_dir)
+        load_weights(models, model_dir)
+        inputs = case_inputs(case_cfg, seed)
+        golden, run_info = run_all(models, inputs, LIVE_LENGTHS["hift_mel_len"])
     os.makedirs(case_dir)
     os.symlink(os.path.abspath(model_dir), os.path.join(case_dir, "model"))
     np.savez(os.path.join(case_dir, "golden.npz"), **golden.arrays)

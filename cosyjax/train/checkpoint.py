@@ -43,6 +43,23 @@ class TrainCheckpointError(ValueError):
     """A train-state checkpoint is missing, of another format, or does not fit the template state."""
 
 
+def _checkpointer() -> Any:
+    """An orbax PyTree checkpointer for this process alone.
+
+    Train states are saved as host numpy arrays by one process (multi-host runs: process 0) and read
+    by every process on its own, so orbax's cross-process barriers must not wait for the others.
+    """
+    import orbax.checkpoint as ocp
+
+    if jax.process_count() == 1:
+        return ocp.PyTreeCheckpointer()
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                 barrier_sync_key_prefix=f"process{me}")
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+                            multiprocessing_options=options)
+
+
 def _key_name(key: Any) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
@@ -86,8 +103,6 @@ def save_train_state(path: str, state: Any, *, overwrite: bool = False,
     Raises:
       TrainCheckpointError if ``path`` exists and ``overwrite`` is False (nothing is written).
     """
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise TrainCheckpointError(f"{path}: checkpoint exists (pass overwrite=True to replace it)")
@@ -99,7 +114,7 @@ def save_train_state(path: str, state: Any, *, overwrite: bool = False,
             "metadata": dict(metadata or {})}
     json.dumps(meta)  # fail on unserialisable metadata before writing anything
     with staged_dir(path) as tmp:
-        ocp.PyTreeCheckpointer().save(os.path.join(tmp, STATE_DIR), _nested(items))
+        _checkpointer().save(os.path.join(tmp, STATE_DIR), _nested(items))
         with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
     return path
@@ -135,8 +150,6 @@ def restore_train_state(path: str, like: Any) -> Any:
       TrainCheckpointError for a missing/foreign checkpoint, or one listing every missing leaf,
       unexpected leaf and shape/dtype mismatch against ``like``.
     """
-    import orbax.checkpoint as ocp
-
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, META_NAME)):
         latest = latest_checkpoint(path)
         if latest is not None:
@@ -157,7 +170,7 @@ def restore_train_state(path: str, like: Any) -> Any:
                                    f"optimizer?): " + " | ".join(problems))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # orbax warns that numpy leaves carry no sharding
-        tree = ocp.PyTreeCheckpointer().restore(os.path.join(os.path.abspath(path), STATE_DIR))
+        tree = _checkpointer().restore(os.path.join(os.path.abspath(path), STATE_DIR))
     leaves = []
     for p, leaf in wanted:
         value = np.asarray(_lookup(tree, p))

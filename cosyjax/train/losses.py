@@ -238,32 +238,34 @@ def _check_llm_batch(cfg: LLMConfig, batch: Mapping[str, Any]) -> tuple[int, int
     return b, t
 
 
-def llm_loss(params: Mapping[str, Any], batch: Mapping[str, Any], *, cfg: LLMConfig, lsm_weight: float = 0.0,
-             length_normalized: bool = True) -> tuple[Array, dict[str, Array]]:
-    """``CosyVoice3LM.forward``'s loss and accuracy on a ``prepare_llm_batch`` batch.  Pure, jittable.
+def llm_logits(params: Mapping[str, Any], ids: Array, is_speech: Array, lengths: Array, *, cfg: LLMConfig,
+               pad_value: float | None = None) -> Array:
+    """llm_decoder logits [B, T, V] (float32) of a token layout [B, T] with valid lengths [B].
+
+    ``pad_value``: the lm_input value at padded positions (upstream's ``pad_sequence(...,
+    padding_value=IGNORE_ID)`` gives -1.0); None keeps our padding embeddings.  Only what reads
+    logits at padded positions (upstream's DPO mask) needs it.
+    """
+    x = embed_layout(params, ids, is_speech, cfg=cfg)  # [B, T, D]
+    if pad_value is not None:
+        valid = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
+        x = jnp.where(valid[..., None], x, jnp.asarray(pad_value, x.dtype))
+    _, logits = forward_embeddings(params, x, lengths, cfg=cfg)  # [B, T, V] float32
+    return logits
+
+
+def label_smoothing_loss(logits: Array, targets: Array, lengths: Array, *, lsm_weight: float = 0.0,
+                         length_normalized: bool = True) -> tuple[Array, dict[str, Array]]:
+    """Upstream's ``LabelSmoothingLoss`` and ``th_accuracy`` over the positions with a target.
 
     Args:
-      params: CosyVoice3LM params (``ConvertedModel.llm``).
-      batch: {"ids", "is_speech", "targets": [B, T], "lengths": [B]} (other keys are ignored).
-      cfg: the LLM config (static).
-      lsm_weight: label smoothing (upstream ``lsm_weight``; 0 in the release config).  Static.
-      length_normalized: divide by the number of target positions (True, upstream's
-        ``length_normalized_loss``) or by B.  Static.
+      logits: [B, T, V] float32.  targets: [B, T] (IGNORE_ID where no loss).  lengths: [B].
+      lsm_weight, length_normalized: as ``llm_loss``.
     Returns:
-      (loss scalar float32, {"acc": scalar float32 (no gradient), "num_tokens": int32 scalar}).
-      A batch without targets gives loss 0 and acc 0 (upstream would give nan).
-    Raises:
-      ValueError for missing keys or mismatched shapes; with concrete (non-traced) arrays also for
-      ids outside their table, targets that are neither IGNORE_ID nor an output id, or bad lengths.
+      (loss, {"acc", "num_tokens", "num_rows"}); num_rows counts rows with a target (the batch size
+      upstream divides by when not length-normalised; padding rows of a bucketed batch have none).
     """
-    if not 0.0 <= lsm_weight < 1.0:
-        raise ValueError(f"lsm_weight={lsm_weight} must lie in [0, 1)")
-    batch_size, length = _check_llm_batch(cfg, batch)
-    ids = jnp.asarray(batch["ids"], jnp.int32)
-    lengths = jnp.asarray(batch["lengths"], jnp.int32)
-    targets = jnp.asarray(batch["targets"], jnp.int32)
-    x = embed_layout(params, ids, jnp.asarray(batch["is_speech"], bool), cfg=cfg)  # [B, T, D]
-    _, logits = forward_embeddings(params, x, lengths, cfg=cfg)  # [B, T, V] float32
+    length = logits.shape[1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     valid = (targets != IGNORE_ID) & (jnp.arange(length)[None, :] < lengths[:, None])  # [B, T]
     safe = jnp.where(valid, targets, 0)
@@ -278,11 +280,40 @@ def llm_loss(params: Mapping[str, Any], batch: Mapping[str, Any], *, cfg: LLMCon
         entropy_term = confidence * math.log(confidence) + (vocab - 1) * low * math.log(low)
         per_position = entropy_term - (confidence - low) * target_logp - low * jnp.sum(logp, axis=-1)
     num = jnp.sum(valid.astype(jnp.int32))
-    denom = jnp.maximum(num, 1).astype(jnp.float32) if length_normalized else jnp.float32(batch_size)
+    rows = jnp.sum(jnp.any(valid, axis=1).astype(jnp.int32))
+    denom = jnp.maximum(num if length_normalized else rows, 1).astype(jnp.float32)
     loss = jnp.sum(jnp.where(valid, per_position, 0.0)) / denom
     correct = jnp.sum(valid & (jnp.argmax(logits, axis=-1) == targets))
     acc = jax.lax.stop_gradient(correct.astype(jnp.float32) / jnp.maximum(num, 1).astype(jnp.float32))
-    return loss, {"acc": acc, "num_tokens": num}
+    return loss, {"acc": acc, "num_tokens": num, "num_rows": rows}
+
+
+def llm_loss(params: Mapping[str, Any], batch: Mapping[str, Any], *, cfg: LLMConfig, lsm_weight: float = 0.0,
+             length_normalized: bool = True) -> tuple[Array, dict[str, Array]]:
+    """``CosyVoice3LM.forward``'s loss and accuracy on a ``prepare_llm_batch`` batch.  Pure, jittable.
+
+    Args:
+      params: CosyVoice3LM params (``ConvertedModel.llm``).
+      batch: {"ids", "is_speech", "targets": [B, T], "lengths": [B]} (other keys are ignored).
+      cfg: the LLM config (static).
+      lsm_weight: label smoothing (upstream ``lsm_weight``; 0 in the release config).  Static.
+      length_normalized: divide by the number of target positions (True, upstream's
+        ``length_normalized_loss``) or by the rows that have targets (upstream's B).  Static.
+    Returns:
+      (loss scalar float32, {"acc": scalar float32 (no gradient), "num_tokens", "num_rows": int32 scalars}).
+      A batch without targets gives loss 0 and acc 0 (upstream would give nan).
+    Raises:
+      ValueError for missing keys or mismatched shapes; with concrete (non-traced) arrays also for
+      ids outside their table, targets that are neither IGNORE_ID nor an output id, or bad lengths.
+    """
+    if not 0.0 <= lsm_weight < 1.0:
+        raise ValueError(f"lsm_weight={lsm_weight} must lie in [0, 1)")
+    _check_llm_batch(cfg, batch)
+    lengths = jnp.asarray(batch["lengths"], jnp.int32)
+    logits = llm_logits(params, jnp.asarray(batch["ids"], jnp.int32), jnp.asarray(batch["is_speech"], bool), lengths,
+                        cfg=cfg)
+    return label_smoothing_loss(logits, jnp.asarray(batch["targets"], jnp.int32), lengths, lsm_weight=lsm_weight,
+                                length_normalized=length_normalized)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,8 +358,9 @@ def _check_flow_batch(cfg: FlowConfig, batch: Mapping[str, Any]) -> tuple[int, i
     for name in ("speech_token_len", "speech_feat_len"):
         if batch[name].shape != (b,):
             raise ValueError(f"flow batch: {name} has shape {batch[name].shape}, expected ({b},)")
-    if "example_index" in batch and batch["example_index"].shape != (b,):
-        raise ValueError(f"flow batch: example_index has shape {batch['example_index'].shape}, expected ({b},)")
+    for name in ("example_index", "row_valid"):
+        if name in batch and batch[name].shape != (b,):
+            raise ValueError(f"flow batch: {name} has shape {batch[name].shape}, expected ({b},)")
     if all(_is_concrete(batch[k]) for k in _FLOW_KEYS):
         token_len, feat_len = np.asarray(batch["speech_token_len"]), np.asarray(batch["speech_feat_len"])
         if (token_len < 1).any() or (token_len > n).any():
@@ -433,7 +465,8 @@ def flow_residual(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Arra
       params: flow params (``ConvertedModel.flow``).
       batch: {"speech_token": [B, N] int, "speech_token_len": [B], "speech_feat": [B, T, C] float32
         with T = token_mel_ratio * N (time-major mel), "speech_feat_len": [B], "embedding": [B, E]}
-        (optional "example_index" [B], see ``sample_flow_draws``; other keys are ignored).
+        (optional "example_index" [B], see ``sample_flow_draws``; optional "row_valid" [B] bool, False for
+        padding rows, which then have no loss frames; other keys are ignored).
       rng: PRNG key; the draws come from it when ``draws`` is None (``sample_flow_draws(rng, ...)``)
         and the DiT dropout from ``fold_in(rng, 2)`` (further folded with ``example_index[0]``
         when given, so shards and micro-batches draw different masks) when ``deterministic`` is
@@ -469,6 +502,10 @@ def flow_residual(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Arra
     mel_len = cfg.token_mel_ratio * token_len  # [B]
     frame_idx = jnp.arange(frames)[None, :]
     frame_mask = (frame_idx < mel_len[:, None])[..., None]  # [B, T, 1]
+    loss_len = mel_len
+    if "row_valid" in batch:  # padding rows of a fixed-shape batch: no loss frames
+        loss_len = jnp.where(jnp.asarray(batch["row_valid"], bool), mel_len, 0)
+        frame_mask = frame_mask & (frame_idx < loss_len[:, None])[..., None]
     x1 = jnp.asarray(batch["speech_feat"], jnp.float32)
     cond = jnp.where((frame_idx < draws.prompt_len[:, None])[..., None], x1, 0.0)
     keep = draws.cfg_keep.astype(jnp.float32)
@@ -488,8 +525,8 @@ def flow_residual(params: Mapping[str, Any], batch: Mapping[str, Any], rng: Arra
     streaming = bool(np.asarray(draws.streaming)) if _is_concrete(draws.streaming) else draws.streaming
     pred = model.apply(variables, y, mu, t, spks, cond, mel_len, streaming=streaming,
                        deterministic=deterministic, method=Flow.estimate, rngs=rngs)
-    return jnp.where(frame_mask, pred - u, 0.0), jnp.sum(mel_len)
+    return jnp.where(frame_mask, pred - u, 0.0), jnp.sum(loss_len)
 
 
 __all__ = ["IGNORE_ID", "LOSS_TYPES", "T_SCHEDULES", "FlowLossDraws", "bistream_eligible", "flow_loss", "flow_residual",
-           "llm_loss", "llm_row_layout", "prepare_llm_batch", "sample_flow_draws"]
+           "label_smoothing_loss", "llm_logits", "llm_loss", "llm_row_layout", "prepare_llm_batch", "sample_flow_draws"]

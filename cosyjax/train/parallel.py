@@ -94,19 +94,20 @@ def make_sharded_grad_fn(loss_fn: LossFn, mesh: Mesh, *, compute_dtype: Any = No
 
 
 def make_sharded_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                            compute_dtype: Any = None, accum_steps: int = 1, weight_key: str | None = None
-                            ) -> StepFn:
+                            compute_dtype: Any = None, accum_steps: int = 1, weight_key: str | None = None,
+                            with_frozen: bool = False) -> StepFn:
     """``make_train_step`` over a mesh: state replicated (donated), batch split along B.
 
     Put the inputs in place first (``replicate(state, mesh)``, ``shard_batch(batch, mesh)``); host
     arrays are also accepted and placed by jit.  With ``accum_steps`` A, B/A should be a multiple of
     the device count so that every micro-batch is evenly split (otherwise XLA reshuffles rows; the
-    result is the same).
+    result is the same).  ``with_frozen``: a third, replicated argument (``step.make_train_step``).
     """
     step = build_train_step(loss_fn, optimizer, compute_dtype=compute_dtype, accum_steps=accum_steps,
-                            weight_key=weight_key)
+                            weight_key=weight_key, with_frozen=with_frozen)
     rep = replicated_sharding(mesh)
-    return jax.jit(step, in_shardings=(rep, data_sharding(mesh)), out_shardings=(rep, rep), donate_argnums=0)
+    shardings = (rep, data_sharding(mesh)) + ((rep,) if with_frozen else ())
+    return jax.jit(step, in_shardings=shardings, out_shardings=(rep, rep), donate_argnums=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ optimizer state and reported.  Clipping (``clip_by_global_norm_torch``) and Adam
   per-example randomness on ``example_index`` (``flow_loss`` does) draws the same numbers however
   the batch is split over micro-batches or devices.  Randomness keyed on the rng alone would be the
   same in every micro-batch, so flow_loss also folds ``example_index[0]`` into its dropout key;
+- ``with_frozen=True``: the step takes a third argument, a pytree of frozen arrays (a LoRA base model,
+  DPO's reference model) handed to ``loss_fn(params, batch, rng, frozen)``: not differentiated, not in
+  the optimizer state, not donated, cast to ``compute_dtype`` like the params;
 - ``weight_key=None`` combines micro-batches as upstream (mean of their losses and gradients);
   ``weight_key="num_tokens"`` (llm_loss) / ``"num_frames"`` (flow_loss) weights each by that aux
   count instead, which for a loss normalized by that count equals one big-batch step exactly
@@ -58,7 +61,7 @@ import numpy as np
 import optax
 
 Array = jax.Array
-LossFn = Callable[[Any, Mapping[str, Array], Array], tuple[Array, Mapping[str, Array]]]
+LossFn = Callable[..., tuple[Array, Mapping[str, Array]]]  # (params, batch, rng[, frozen]) -> (loss, aux)
 
 EXAMPLE_INDEX = "example_index"
 # train_conf of examples/libritts/cosyvoice3/conf/cosyvoice3.yaml (the SFT recipe).
@@ -319,9 +322,9 @@ def split_micro_batches(batch: Mapping[str, Array], accum_steps: int) -> dict[st
 
 
 def make_grad_fn(loss_fn: LossFn, *, compute_dtype: Any = None, accum_steps: int = 1, weight_key: str | None = None,
-                 axis_name: str | None = None) -> Callable[[Any, Mapping[str, Array], Array],
-                                                           tuple[Array, Any, dict[str, Array]]]:
-    """``(params, batch, rng) -> (loss, grads, aux)`` over A micro-batches (and the devices of ``axis_name``).
+                 axis_name: str | None = None, with_frozen: bool = False
+                 ) -> Callable[..., tuple[Array, Any, dict[str, Array]]]:
+    """``(params, batch, rng[, frozen]) -> (loss, grads, aux)`` over A micro-batches (and the devices of ``axis_name``).
 
     The result is ``sum_i w_i * x_i / sum_i w_i`` for x = loss, grads and float aux values, with
     ``w_i = aux_i[weight_key]`` (1 when ``weight_key`` is None); integer aux values are summed.  With
@@ -331,9 +334,13 @@ def make_grad_fn(loss_fn: LossFn, *, compute_dtype: Any = None, accum_steps: int
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps={accum_steps!r} must be an int >= 1")
 
-    def one(params, micro, rng):
+    def cast(tree):
+        return cast_floating(tree, compute_dtype) if compute_dtype is not None else tree
+
+    def one(params, micro, rng, frozen):
         def objective(p):
-            loss, aux = loss_fn(cast_floating(p, compute_dtype) if compute_dtype is not None else p, micro, rng)
+            args = (cast(p), micro, rng) + ((cast(frozen),) if with_frozen else ())
+            loss, aux = loss_fn(*args)
             return jnp.asarray(loss, jnp.float32), aux
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -344,20 +351,21 @@ def make_grad_fn(loss_fn: LossFn, *, compute_dtype: Any = None, accum_steps: int
                         else jnp.asarray(v, jnp.int32)) for k, v in aux.items()}
         return {"w": w, "loss": w * loss, "grads": jax.tree.map(lambda g: w * g, grads), "aux": aux_sums}
 
-    def grad_fn(params, batch, rng):
+    def grad_fn(params, batch, rng, frozen=None):
+        frozen = jax.lax.stop_gradient(frozen)
         batch = dict(batch)
         local = batch_size(batch)
         if EXAMPLE_INDEX not in batch:
             offset = jax.lax.axis_index(axis_name) * local if axis_name is not None else 0
             batch[EXAMPLE_INDEX] = offset + jnp.arange(local, dtype=jnp.int32)
         if accum_steps == 1:
-            sums = one(params, batch, rng)
+            sums = one(params, batch, rng, frozen)
         else:
             micro = split_micro_batches(batch, accum_steps)
-            first = one(params, jax.tree.map(lambda x: x[0], micro), rng)
+            first = one(params, jax.tree.map(lambda x: x[0], micro), rng, frozen)
 
             def body(carry, mb):
-                return jax.tree.map(jnp.add, carry, one(params, mb, rng)), None
+                return jax.tree.map(jnp.add, carry, one(params, mb, rng, frozen)), None
 
             sums, _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
         if axis_name is not None:
@@ -381,16 +389,17 @@ def learning_rate(opt_state: Any) -> Array:
 
 
 def build_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, compute_dtype: Any = None,
-                     accum_steps: int = 1, weight_key: str | None = None, axis_name: str | None = None
-                     ) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict[str, Array]]]:
-    """The un-jitted step ``(state, batch) -> (state, metrics)`` (``make_train_step`` jits it; ``parallel``
-    jits it with shardings or pmaps it with ``axis_name``)."""
+                     accum_steps: int = 1, weight_key: str | None = None, axis_name: str | None = None,
+                     with_frozen: bool = False) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """The un-jitted step ``(state, batch[, frozen]) -> (state, metrics)`` (``make_train_step`` jits it;
+    ``parallel`` jits it with shardings or pmaps it with ``axis_name``)."""
     grad_fn = make_grad_fn(loss_fn, compute_dtype=compute_dtype, accum_steps=accum_steps, weight_key=weight_key,
-                           axis_name=axis_name)
+                           axis_name=axis_name, with_frozen=with_frozen)
 
-    def step(state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict[str, Array]]:
+    def step(state: TrainState, batch: Mapping[str, Array], frozen: Any = None
+             ) -> tuple[TrainState, dict[str, Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, grads, aux = grad_fn(state.params, batch, rng)
+        loss, grads, aux = grad_fn(state.params, batch, rng, frozen)
         grad_norm = optax.global_norm(grads)  # clip_grad_norm_'s return value: before clipping
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -403,8 +412,8 @@ def build_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, compute_dtype: Any = None,
-                    accum_steps: int = 1, weight_key: str | None = None
-                    ) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict[str, Array]]]:
+                    accum_steps: int = 1, weight_key: str | None = None, with_frozen: bool = False
+                    ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """Jitted ``step(state, batch) -> (new_state, metrics)``; ``state`` is donated (do not reuse it).
 
     Args:
@@ -414,6 +423,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       compute_dtype: e.g. ``jnp.bfloat16``: the loss runs on params cast to it (float32 masters kept).
       accum_steps: micro-batches per step (upstream accum_grad); B must be divisible by it.
       weight_key: aux count to weight micro-batches by (see the module docstring); None = upstream.
+      with_frozen: ``step(state, batch, frozen)`` and ``loss_fn(params, batch, rng, frozen)`` (see the
+        module docstring).
     Returns:
       ``step``; metrics: loss, grad_norm (before clipping), lr (of this update; NaN for an optimizer
       without ``inject_hyperparams``), skipped (the gradient norm is not finite: ``make_optimizer``'s
@@ -421,7 +432,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       (integer ones, e.g. token counts, as int32 sums).
     """
     step = build_train_step(loss_fn, optimizer, compute_dtype=compute_dtype, accum_steps=accum_steps,
-                            weight_key=weight_key)
+                            weight_key=weight_key, with_frozen=with_frozen)
     return jax.jit(step, donate_argnums=0)
 
 

@@ -1,4 +1,5 @@
-"""Parity of the training losses: groups ``train_llm``, ``train_llm_lsm``, ``train_flow``, ``train_flow_stream``.
+"""Parity of the training losses: groups ``train_llm``, ``train_llm_lsm``, ``train_flow``, ``train_flow_stream``,
+``train_dpo``.
 
 Each group holds a padded batch, every random draw upstream's training forward made (recorded by
 make-case's taps), upstream's loss and torch's autograd gradient of every parameter
@@ -14,7 +15,9 @@ make-case's taps), upstream's loss and torch's autograd gradient of every parame
                             torch layout with the converter's table (linear re-layouts).
 
 ``train_llm_lsm`` and ``train_flow_stream`` take their inputs from ``train_llm`` / ``train_flow``
-unless they hold their own.  A tolerance is relative: the comparison's absolute bound is
+unless they hold their own.  ``train_dpo`` (upstream's DPO step, ``cosyjax.train.dpo``) also holds the
+reference model's layouts, both models' sequence log-probs and the sft / preference / total losses;
+its reference weights are ``model/llm.ref.pt``.  A tolerance is relative: the comparison's absolute bound is
 ``tol * max|ref|`` (reported as ``atol``; ``rel`` is the measured relative error).
 """
 
@@ -168,4 +171,87 @@ def run_flow(case: Case, group: str, model: ConvertedModel) -> GroupResult:
     return GroupResult(outputs=outputs, comparisons=comparisons)
 
 
-RUNNERS = {"train_llm": run_llm, "train_llm_lsm": run_llm, "train_flow": run_flow, "train_flow_stream": run_flow}
+def reference_params(case: Case, cfg: Any) -> dict[str, Any]:
+    """The DPO group's frozen reference LLM (``model/llm.ref.pt``) through the converter's table."""
+    import os
+
+    from cosyjax.convert.common import load_state_dict
+    from cosyjax.parity.reference.train import REF_FILE
+
+    path = os.path.join(case.model_dir, REF_FILE)
+    return convert_llm.convert(load_state_dict(path), cfg, path)
+
+
+def dpo_batch(case: Case, group: str, cfg: Any) -> dict[str, np.ndarray]:
+    """The group's rows laid out as ``dpo_loss`` takes them, with the recorded bistream flags of each model."""
+    ref = case.group(group)
+
+    def rows(name: str) -> list[np.ndarray]:
+        ids, lens = ref[name], ref[f"{name}_len"]
+        return [ids[b, :int(lens[b])] for b in range(ids.shape[0])]
+
+    text, chosen, rejected = rows("text_token"), rows("speech_token"), rows("reject_speech_token")
+    batch = {}
+    for prefix, name in (("", "policy"), ("ref_", "ref")):
+        flags = [bool(f) for f in ref[f"{name}_bistream"]]
+        layout = prepare_llm_batch(cfg, text + text, chosen + rejected, bistream=flags,
+                                   pad_to=ref[f"{name}_lm_target"].shape[1])
+        half = len(text)
+        for k, v in layout.items():
+            batch[prefix + k] = np.stack([v[:half], v[half:]], axis=1)  # [B, 2, ...]
+    return batch
+
+
+def run_dpo(case: Case, group: str, model: ConvertedModel) -> GroupResult:
+    """Replay the DPO group with upstream's mask (``dpo_loss(mask="upstream")``): layouts, logps, losses, gradients.
+
+    Upstream pads each forward to its own longest row, so the policy and reference layouts keep their
+    recorded lengths; the logps use the loss's own ``sequence_logps`` on the same logits.
+    """
+    from cosyjax.train.dpo import dpo_loss, sequence_logps
+    from cosyjax.train.losses import llm_logits
+
+    cfg = model.config.llm
+    ref = case.group(group)
+    tol = TOLERANCES["bfloat16" if model.dtype == "bfloat16" else "float32"]["llm"]
+    batch = dpo_batch(case, group, cfg)
+    ref_params = jax.tree.map(jnp.asarray, reference_params(case, cfg))
+    beta = float(ref["beta"])
+    loss, aux, grads = _value_and_grad(
+        lambda p: dpo_loss(p, ref_params, batch, cfg=cfg, beta=beta, mask="upstream", lsm_weight=cfg.lsm_weight,
+                           length_normalized=cfg.length_normalized_loss), model.params["llm"])
+    outputs = {f"{group}/loss": np.float32(loss), f"{group}/sft_loss": np.float32(aux["sft_loss"]),
+               f"{group}/dpo_loss": np.float32(aux["dpo_loss"]), f"{group}/acc": np.float32(aux["acc"])}
+    comparisons = []
+    for prefix, name, params in (("", "policy", model.params["llm"]), ("ref_", "ref", ref_params)):
+        rows = np.concatenate([batch[prefix + "targets"][:, 0], batch[prefix + "targets"][:, 1]])
+        lengths = np.concatenate([batch[prefix + "lengths"][:, 0], batch[prefix + "lengths"][:, 1]])
+        outputs[f"{group}/{name}_lm_target"] = rows.astype(np.int64)
+        outputs[f"{group}/{name}_lm_input_len"] = lengths.astype(np.int64)
+        comparisons += [compare_equal(f"{group}/{name}_lm_target", rows.astype(np.int64), ref[f"{name}_lm_target"]),
+                        compare_equal(f"{group}/{name}_lm_input_len", lengths.astype(np.int64),
+                                      ref[f"{name}_lm_input_len"])]
+        ids = np.concatenate([batch[prefix + "ids"][:, 0], batch[prefix + "ids"][:, 1]])
+        is_speech = np.concatenate([batch[prefix + "is_speech"][:, 0], batch[prefix + "is_speech"][:, 1]])
+        logits = llm_logits(jax.tree.map(jnp.asarray, params), ids, is_speech, lengths, cfg=cfg, pad_value=-1.0)
+        logps = np.asarray(sequence_logps(logits, rows, mask="upstream"))
+        half = len(logps) // 2
+        for key, value in ((f"{prefix}chosen_logps", logps[:half]), (f"{prefix}rejected_logps", logps[half:])):
+            outputs[f"{group}/{key}"] = value
+            comparisons.append(compare_rel(f"{group}/{key}", value, ref[key], tol["loss"]))
+    # The preference loss moves by at most beta * |d z| for an error d z in its logit-ratio difference
+    # z = (pc - pr) - (rc - rr): its bound is beta times four logps bounds (each checked above at tol * |logp|).
+    logp_scale = max(float(np.max(np.abs(ref[k]))) for k in
+                     ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"))
+    dpo_atol = beta * 4 * tol["loss"] * logp_scale
+    sft_atol = tol["loss"] * abs(float(ref["sft_loss"]))
+    comparisons += [compare_rel(f"{group}/sft_loss", outputs[f"{group}/sft_loss"], ref["sft_loss"], tol["loss"]),
+                    compare_close(f"{group}/dpo_loss", outputs[f"{group}/dpo_loss"], ref["dpo_loss"], dpo_atol),
+                    compare_close(f"{group}/loss", outputs[f"{group}/loss"], ref["loss"], dpo_atol + sft_atol)]
+    comparisons.append(compare_close(f"{group}/acc", outputs[f"{group}/acc"], ref["acc"], tol["acc"]))
+    comparisons += _compare_grads(group, ref, grads, convert_llm.param_table(cfg), tol["grad"], outputs)
+    return GroupResult(outputs=outputs, comparisons=comparisons)
+
+
+RUNNERS = {"train_llm": run_llm, "train_llm_lsm": run_llm, "train_flow": run_flow, "train_flow_stream": run_flow,
+           "train_dpo": run_dpo}

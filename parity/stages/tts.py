@@ -1,8 +1,8 @@
 """Parity of the orchestration (``cosyjax.model.CosyVoice3Model.tts``): groups ``tts``, ``tts_stream``.
 
 The reference is upstream ``CosyVoice3Model.tts`` (cosyvoice/cli/model.py) on the case's three
-stages with the LLM output forced to ``tts/llm_tokens`` (see ``make_case._run_tts``); we pass the
-same ids as ``forced_tokens``, so the silent-token filter, the hop schedule, the flow calls, the
+stages with the LLM output forced to ``tts/llm_tokens`` (see ``cosyjax.parity.reference.tts``); we pass
+the same ids as ``forced_tokens``, so the silent-token filter, the hop schedule, the flow calls, the
 mel accumulation and the HiFT calls are what is checked.  The HiFT source noise is the case's
 (``tts/noise_rand_ini``; ``hift/noise_sine_waves`` followed by ``tts/noise_sine_waves_tail``).
 
