@@ -96,7 +96,9 @@ from cosyjax.hift.source import HiftNoise
 from cosyjax.hift.stream import hift_stream_init, hift_stream_push
 from cosyjax.llm import lm
 from cosyjax.llm.sampling import SamplerSettings
+from cosyjax.limits import Limits
 from cosyjax.precision import PrecisionPolicy
+from cosyjax.programs import ProgramCache
 
 # CosyVoice3Model.silent_tokens: FSQ codes of silence and breath.
 SILENT_TOKENS = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)
@@ -330,6 +332,9 @@ class CosyVoice3Model:
         ``flow.stream.cache_bytes_per_frame`` per frame).  False re-runs the flow on the prefix.
       final_full_attention: upstream's last stream chunk with full attention over everything (see
         the module docstring); False keeps it chunk-causal and incremental.
+      limits: what one request may ask for (``cosyjax.limits.Limits``): requests beyond them are
+        refused with the numbers, the LLM's output is capped by ``max_output_seconds``, and the KV
+        cache is sized once from them.  ``warmup`` compiles every program they allow.
     """
 
     def __init__(self, converted: ConvertedModel, dtype: str | PrecisionPolicy | None = None, *,
@@ -338,7 +343,7 @@ class CosyVoice3Model:
                  silent_tokens: Sequence[int] = SILENT_TOKENS, max_silent_run: int = MAX_SILENT_RUN,
                  max_hop_factor: int = MAX_HOP_FACTOR, stream_scale_factor: int = STREAM_SCALE_FACTOR,
                  f0_float64: bool | None = None, hift_carry: bool = True, flow_carry: bool = True,
-                 final_full_attention: bool = True):
+                 final_full_attention: bool = True, limits: Limits | None = None):
         for stage in ("llm", "flow", "hift"):
             if stage not in converted.params:
                 raise ValueError(f"converted model has no {stage!r} params")
@@ -368,6 +373,11 @@ class CosyVoice3Model:
         self.final_full_attention = final_full_attention
         # upstream's never-reset self.token_hop_len, shared by every request only with the quirk on
         self.hop_state = HopState(self.schedule.base)
+        self.limits = limits or Limits()
+        rate = self.config.token_frame_rate
+        self.cache_len = self.limits.cache_len(rate, lm.bucket)
+        # Compiled stage programs (shared by every request, like jit's own cache; see cosyjax.programs).
+        self.programs = ProgramCache()
 
     # ---------------------------------------------------------------- validation
     def _request(self, text_ids, prompt_text_ids, llm_prompt_speech_tokens, flow_prompt_speech_tokens,
@@ -386,10 +396,12 @@ class CosyVoice3Model:
             raise ValueError("source_speech_tokens is empty: voice conversion needs source tokens")
         if forced is not None and forced.size == 0:
             raise ValueError("forced_tokens is empty")
+        self._check_limits(text, prompt_text, llm_prompt, flow_prompt, source if source is not None else forced,
+                           uses_llm=source is None and forced is None)
         # The flow starts every frame from the fixed noise buffer: prompt + generated frames must fit,
         # which bounds the tokens before anything runs (the LLM is capped, given tokens are refused).
         noise_frames, ratio = self.flow_noise.shape[-1], cfg.flow.token_mel_ratio
-        room = noise_frames // ratio - int(flow_prompt.size)
+        room = min(noise_frames // ratio - int(flow_prompt.size), self.limits.output_tokens(cfg.token_frame_rate))
         if room < 1:
             raise ValueError(f"flow_prompt_speech_tokens: {flow_prompt.size} prompt tokens fill the flow's "
                              f"{noise_frames}-frame noise buffer ({ratio} frames per token); nothing is left to generate")
@@ -423,6 +435,22 @@ class CosyVoice3Model:
         return Request(tuple(int(t) for t in text), tuple(int(t) for t in prompt_text),
                        tuple(int(t) for t in llm_prompt), prompt, forced, source, float(speed), _as_key(key), room)
 
+    def _check_limits(self, text, prompt_text, llm_prompt, flow_prompt, given, *, uses_llm: bool) -> None:
+        """Refuse a request outside ``self.limits`` (before any device work), naming field and numbers."""
+        lim, rate = self.limits, self.config.token_frame_rate
+        checks = [("flow_prompt_speech_tokens", flow_prompt.size, lim.prompt_speech_tokens(rate),
+                   f"{lim.max_prompt_seconds:g} s of prompt"),
+                  ("source/forced tokens", 0 if given is None else given.size, lim.output_tokens(rate),
+                   f"{lim.max_output_seconds:g} s of output")]
+        if uses_llm:
+            checks += [("text_ids", text.size, lim.max_text_tokens, "max_text_tokens"),
+                       ("prompt_text_ids", prompt_text.size, lim.max_prompt_text_tokens, "max_prompt_text_tokens"),
+                       ("llm_prompt_speech_tokens", llm_prompt.size, lim.prompt_speech_tokens(rate),
+                        f"{lim.max_prompt_seconds:g} s of prompt")]
+        for name, n, limit, what in checks:
+            if n > limit:
+                raise ValueError(f"{name}: {n} tokens exceed the limit of {limit} ({what}; CosyVoice3Model(limits=...))")
+
     # ---------------------------------------------------------------- stages
     def _filter(self, vc: bool) -> SilentTokenFilter:
         return SilentTokenFilter(self.silent_tokens, self.max_silent_run, enabled=self.silent_filter and not vc)
@@ -437,12 +465,12 @@ class CosyVoice3Model:
             return
         keys = req.key[None]
         state = lm.start(self.params["llm"], self.config.llm, [req.lm_request], keys, self.sampler,
-                         precision=self.policy.llm)
+                         precision=self.policy.llm, programs=self.programs, cache_len=self.cache_len)
         if bool(np.asarray(state.done)[0]):
             yield np.zeros(0, np.int64), True
             return
         for new, state, _ in lm.stream(self.params["llm"], self.config.llm, state, self.sampler, chunk_size=chunk,
-                                       precision=self.policy.llm):
+                                       precision=self.policy.llm, programs=self.programs):
             yield np.asarray(new[0], np.int64), bool(np.asarray(state.done)[0])
 
     def _flow(self, tokens: Sequence[int], req: Request, calls: list, *, streaming: bool, finalize: bool
@@ -451,7 +479,7 @@ class CosyVoice3Model:
         calls.append((len(tokens), int(streaming), int(finalize)))
         mel = flow_inference(self.params["flow"], np.asarray(tokens, np.int64)[None], prompt=req.prompt,
                              cfg=self.config.flow, noise=self.flow_noise, streaming=streaming, finalize=finalize,
-                             precision=self.policy.flow)
+                             precision=self.policy.flow, programs=self.programs)
         return np.asarray(mel)
 
     def _flow_hop(self, tokens: Sequence[int], req: Request, calls: list, state: FlowStreamState | None,
@@ -462,7 +490,7 @@ class CosyVoice3Model:
         calls.append((len(tokens), 1, int(finalize)))
         mel, _ = flow_stream_push(self.params["flow"], state, np.asarray(tokens, np.int64)[None], cfg=self.config.flow,
                                   noise=self.flow_noise, finalize=finalize, out_from=out_from,
-                                  precision=self.policy.flow)
+                                  precision=self.policy.flow, programs=self.programs)
         return mel
 
     def _hift(self, mel: np.ndarray, finalize: bool) -> np.ndarray:
@@ -561,9 +589,7 @@ class CosyVoice3Model:
         pad = sched.pad(hop, num_prompt)
         offset = 0
         mel_all = np.zeros((1, 0, self.config.flow.output_size), np.float32)
-        flow_state = (flow_stream_init(self.config.flow, prompt=req.prompt,
-                                       capacity=req.prompt_feat.shape[0] + 4 * sched.base
-                                       * sched.token_mel_ratio, cache_dtype=self.policy.flow.dtype)
+        flow_state = (flow_stream_init(self.config.flow, prompt=req.prompt, cache_dtype=self.policy.flow.dtype)
                       if self.flow_carry else None)
         emitted = 0
         vocoder = hift_stream_init(self.config.hift, 1, noise=self.hift_noise) if self.hift_carry else None
@@ -601,6 +627,75 @@ class CosyVoice3Model:
         trace._record(raw, tokens, hops, calls, mel_all)
         audio, emitted, vocoder = self._hift_stream(mel_all, mel, emitted, vocoder, finalize=True)
         yield {"tts_speech": np.asarray(audio)}
+
+    # ---------------------------------------------------------------- compile ahead
+    def program_specs(self, *, offline: bool = True, stream: bool = True, batch_sizes: Sequence[int] = (1,)
+                      ) -> list[tuple[Any, tuple, dict]]:
+        """Every stage program a request inside ``self.limits`` can run: (function, argument specs,
+        static arguments) triples for ``cosyjax.programs.ProgramCache.compile`` (and ``jax.export``).
+
+        ``offline``/``stream``: the request kinds to cover; ``batch_sizes``: ``tts_batch`` sizes
+        (1 is what ``tts`` runs).
+        """
+        from cosyjax.flow import flow as flow_mod
+        from cosyjax.flow import stream as stream_mod
+
+        cfg, lim, rate = self.config, self.limits, self.config.token_frame_rate
+        max_tokens = lim.prompt_speech_tokens(rate) + lim.output_tokens(rate)  # flow prompt + generated
+        out: list[tuple[Any, tuple, dict]] = []
+        for batch in sorted(set(int(b) for b in batch_sizes) | {1}):
+            out += lm.programs(cfg.llm, self.params["llm"], max_prefill=lim.prefill_tokens(rate),
+                               cache_len=self.cache_len, settings=self.sampler, chunk_size=self.schedule.base,
+                               batch=batch, precision=self.policy.llm)
+            if offline or (stream and self.final_full_attention):
+                out += flow_mod.programs(cfg.flow, self.params["flow"], max_tokens=max_tokens, batch=batch,
+                                         precision=self.policy.flow)
+            out += self._hift_programs(batch, cfg.flow.token_mel_ratio * max_tokens, stream=False)
+            if batch != 1 or not stream:
+                continue
+            if self.flow_carry:
+                out += stream_mod.stream_programs(cfg.flow, self.params["flow"],
+                                                  max_frames=cfg.flow.token_mel_ratio * max_tokens,
+                                                  precision=self.policy.flow, cache_dtype=self.policy.flow.dtype)
+            else:
+                out += flow_mod.programs(cfg.flow, self.params["flow"], max_tokens=max_tokens, streaming=True,
+                                         precision=self.policy.flow)
+            out += self._hift_programs(1, cfg.flow.token_mel_ratio * max_tokens, stream=True)
+        return out
+
+    def _hift_programs(self, batch: int, max_frames: int, *, stream: bool) -> list:
+        return []  # filled in with the HiFT core's program specs
+
+    def warmup(self, *, offline: bool = True, stream: bool = True, batch_sizes: Sequence[int] = (1,),
+               progress: bool = False) -> "WarmupReport":
+        """Compile every program ``program_specs`` lists, then run one tiny request of each kind (for
+        the few eager helper ops).  Afterwards a request inside ``self.limits`` compiles nothing.
+
+        Returns how many programs were compiled and how long it took.
+        """
+        import time
+
+        from tqdm.auto import tqdm
+
+        start, before = time.perf_counter(), self.programs.compiles
+        specs = self.program_specs(offline=offline, stream=stream, batch_sizes=batch_sizes)
+        for fn, args, static in tqdm(specs, desc="compiling", disable=not progress):
+            self.programs.compile(fn, *args, **static)
+        cfg = self.config
+        tiny = dict(forced_tokens=np.zeros(2 * self.schedule.base + cfg.flow.pre_lookahead_len + 1, np.int64),
+                    flow_prompt_speech_tokens=np.zeros(1, np.int64),
+                    prompt_feat=np.zeros((cfg.flow.token_mel_ratio, cfg.flow.output_size), np.float32),
+                    embedding=np.ones(cfg.flow.spk_embed_dim, np.float32))
+        text = dict(text_ids=np.zeros(1, np.int64), flow_prompt_speech_tokens=tiny["flow_prompt_speech_tokens"],
+                    prompt_feat=tiny["prompt_feat"], embedding=tiny["embedding"])
+        for kind in [False] * offline + [True] * stream:
+            for request in (tiny, text):
+                for _ in self.tts(**request, stream=kind):
+                    pass
+        for batch in sorted(set(int(b) for b in batch_sizes) - {1}):
+            self.tts_batch([tiny] * batch)
+        return WarmupReport(programs=self.programs.compiles - before, total=len(self.programs),
+                            seconds=time.perf_counter() - start)
 
     def tts_batch(self, requests: Sequence[Mapping[str, Any]], keys: Sequence[Any] | None = None
                   ) -> list[np.ndarray]:
@@ -642,7 +737,8 @@ class CosyVoice3Model:
             lm_reqs = [reqs[i].lm_request for i in llm_rows]
             keys_arr = jnp.stack([reqs[i].key for i in llm_rows])
             gens = lm.generate(self.params["llm"], self.config.llm, lm_reqs, keys_arr, self.sampler,
-                               chunk_size=self.schedule.base, precision=self.policy.llm)
+                               chunk_size=self.schedule.base, precision=self.policy.llm, programs=self.programs,
+                               cache_len=self.cache_len)
             for i, g in zip(llm_rows, gens):
                 raw[i] = g.tokens.astype(np.int64)
         for i, q in enumerate(reqs):
@@ -672,7 +768,8 @@ class CosyVoice3Model:
         # Each row's prompt was checked with its request; this is their padded batch.
         prompt = FlowPrompt(ptok, feat, emb, plen, flen)
         mel = flow_inference(self.params["flow"], tok, cfg=self.config.flow, noise=self.flow_noise, streaming=False,
-                             finalize=True, token_len=tlen, prompt=prompt, precision=self.policy.flow)
+                             finalize=True, token_len=tlen, prompt=prompt, precision=self.policy.flow,
+                             programs=self.programs)
         mel_len = self.config.flow.token_mel_ratio * (plen + tlen) - flen
         mels = []
         for b, i in enumerate(rows):
@@ -690,6 +787,18 @@ class CosyVoice3Model:
         for b, i in enumerate(rows):
             out[i] = audio[b:b + 1, :scale * lens[b]]
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupReport:
+    """What ``CosyVoice3Model.warmup`` did: programs compiled now, programs cached in all, seconds."""
+
+    programs: int
+    total: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"compiled {self.programs} programs ({self.total} cached) in {self.seconds:.1f} s"
 
 
 def stream_seams(chunks: Sequence[np.ndarray], offline: np.ndarray, window: int = 480) -> dict[str, Any]:

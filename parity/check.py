@@ -125,8 +125,8 @@ def run_check(case_dir: str, out_dir: str, *, stages: Iterable[str] | None = Non
                 else:
                     ok = bool(result.comparisons) and all(c.passed for c in result.comparisons)
                     entry = _group_entry(group, PASS if ok else FAIL, result,
-                                         "" if result.comparisons else "runner compared nothing", dtype,
-                                         backend, time.perf_counter() - start)
+                                         "; ".join(result.notes) if result.comparisons else "runner compared nothing",
+                                         dtype, backend, time.perf_counter() - start)
                     outputs.update(result.outputs)
                     plot_specs.extend(result.plots)
             group_entries.append(entry)

@@ -100,9 +100,10 @@ def test_modes_reach_llm(case_model, monkeypatch):
     _speech(m, text_ids=text, prompt_text_ids=prompt_text, llm_prompt_speech_tokens=prompt_speech, **_prompt(case))
     _speech(m, text_ids=text, **_prompt(case))  # cross-lingual: marker inside the text
     _speech(m, text_ids=text, prompt_text_ids=prompt_text[:3], **_prompt(case))  # instruct2
-    # Each request is capped by what the flow's noise buffer leaves after the prompt.
-    room = converted.buffers["flow_rand_noise"].shape[-1] // converted.config.flow.token_mel_ratio - len(
-        _prompt(case)["flow_prompt_speech_tokens"])
+    # Each request is capped by the output limit and by what the flow's noise buffer leaves after the prompt.
+    room = min(m.limits.output_tokens(converted.config.token_frame_rate),
+               converted.buffers["flow_rand_noise"].shape[-1] // converted.config.flow.token_mel_ratio
+               - len(_prompt(case)["flow_prompt_speech_tokens"]))
     assert seen == [dataclasses.replace(r, max_tokens=room) for r in (
         lm.LMRequest.zero_shot(text, prompt_text, prompt_speech), lm.LMRequest.cross_lingual(text),
         lm.LMRequest.instruct2(text, prompt_text[:3]))]

@@ -22,12 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cosyjax.buckets import bucket_table, geometric_bucket
 from cosyjax.config import FlowConfig
 from cosyjax.flow.dit import DiT
 from cosyjax.flow.prompt import FlowPrompt, int_rows, row_lengths
 from cosyjax.flow.solver import cfg_batch, solve_euler_cfg
 from cosyjax.nn import Conv1d, Dense
 from cosyjax.precision import FLOAT32, Precision
+from cosyjax.programs import ProgramCache, specs_of
+from cosyjax.programs import run as run_program
 
 Array = jax.Array
 LEAKY_SLOPE = 0.01  # F.leaky_relu default in PreLookaheadLayer
@@ -185,14 +188,12 @@ def _flow_core(params: Mapping[str, Any], tokens: Array, token_len: Array, feat:
 # --------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------
-def token_bucket(n: int) -> int:
-    """Padded token length for ``n`` tokens: multiples of 32 up to 512, of 64 up to 1024, then of 128.
+TOKEN_BUCKET_MIN = 32
 
-    Fine enough that padding costs at most ~10% of the DiT work past 320 tokens, coarse enough that
-    a streaming session (hops of 25..100 tokens) reuses a handful of compiled shapes.
-    """
-    step = 32 if n <= 512 else 64 if n <= 1024 else 128
-    return max(step, -(-n // step) * step)
+
+def token_bucket(n: int) -> int:
+    """Padded prompt + target token length: ``cosyjax.buckets`` (32, 48, 64, 96, 128, ...: two per octave)."""
+    return geometric_bucket(n, TOKEN_BUCKET_MIN)
 
 
 def output_lengths(cfg: FlowConfig, token_len: Any, prompt_token_len: Any, prompt_feat_len: Any,
@@ -206,7 +207,8 @@ def output_lengths(cfg: FlowConfig, token_len: Any, prompt_token_len: Any, promp
 def flow_inference(params: Mapping[str, Any], token: Any, prompt_token: Any = None, prompt_feat: Any = None,
                    embedding: Any = None, *, cfg: FlowConfig, noise: Any, streaming: bool, finalize: bool,
                    token_len: Any = None, prompt_token_len: Any = None, prompt_feat_len: Any = None,
-                   prompt: FlowPrompt | None = None, precision: Precision = FLOAT32) -> np.ndarray:
+                   prompt: FlowPrompt | None = None, precision: Precision = FLOAT32,
+                   programs: ProgramCache | None = None) -> np.ndarray:
     """CausalMaskedDiffWithDiT.inference for a batch of rows.
 
     Args:
@@ -226,6 +228,7 @@ def flow_inference(params: Mapping[str, Any], token: Any, prompt_token: Any = No
       token_len, prompt_token_len, prompt_feat_len: per-row lengths [B] (default: full widths).
       prompt: instead of the five prompt arguments, a ``FlowPrompt`` checked before (not re-checked).
       precision: the flow stage's ``cosyjax.precision.Precision`` (static; float32 = parity).
+      programs: run through this ``cosyjax.programs.ProgramCache`` (compiled ahead of time by warm-up).
 
     Returns:
       mel [B, T_out, C] float32 numpy, T_out = max over rows of ``output_lengths(...)``; a shorter row is
@@ -290,8 +293,25 @@ def flow_inference(params: Mapping[str, Any], token: Any, prompt_token: Any = No
     noise_t = np.zeros((1, frames, channels), np.float32)  # frames past the buffer are never valid
     used = min(frames, noise.shape[2])
     noise_t[0, :used] = np.transpose(noise[0, :, :used])
-    mel, _ = _flow_core(params, tokens, total_tokens.astype(np.int32), feat, feat_len.astype(np.int32),
-                        mel_len.astype(np.int32), embedding.astype(np.float32), noise_t, cfg=cfg,
-                        streaming=bool(streaming), precision=precision)
+    mel, _ = run_program(programs, _flow_core, params, tokens, total_tokens.astype(np.int32), feat,
+                         feat_len.astype(np.int32), mel_len.astype(np.int32), embedding.astype(np.float32), noise_t,
+                         cfg=cfg, streaming=bool(streaming), trajectory=False, precision=precision)
     # Sliced on the host: a device slice to a request-dependent length would compile per length.
     return np.asarray(mel)[:, :int(out_len.max())]
+
+
+def programs(cfg: FlowConfig, params: Any, *, max_tokens: int, batch: int = 1, streaming: bool = False,
+             precision: Precision = FLOAT32) -> list[tuple[Any, tuple, dict]]:
+    """Every ``_flow_core`` program ``flow_inference`` can run for up to ``max_tokens`` prompt + target
+    tokens: (function, argument specs, static arguments) per token bucket (``cosyjax.programs``)."""
+    p = specs_of(params)
+    i32, f32 = np.int32, np.float32
+    out = []
+    for n in bucket_table(max_tokens, TOKEN_BUCKET_MIN):
+        frames = cfg.token_mel_ratio * n
+        args = (p, jax.ShapeDtypeStruct((batch, n), i32), jax.ShapeDtypeStruct((batch,), i32),
+                jax.ShapeDtypeStruct((batch, frames, cfg.output_size), f32), jax.ShapeDtypeStruct((batch,), i32),
+                jax.ShapeDtypeStruct((batch,), i32), jax.ShapeDtypeStruct((batch, cfg.spk_embed_dim), f32),
+                jax.ShapeDtypeStruct((1, frames, cfg.output_size), f32))
+        out.append((_flow_core, args, dict(cfg=cfg, streaming=bool(streaming), trajectory=False, precision=precision)))
+    return out

@@ -20,8 +20,13 @@ touches the whole sequence except through attention.
 
 Cost: per push, DiT work for the new frames plus attention over the cache; memory: the cache holds
 2 (k, v) x n_timesteps x depth x 2 (CFG) x heads x dim_head values per frame (3.6 MB per frame
-for the release in float32, ``cache_dtype=bfloat16`` halves it).  The cache capacity grows by
-doubling (one compile per capacity and per new-frame bucket).
+for the release in float32, ``cache_dtype=bfloat16`` halves it).
+
+Compiled shapes.  A push integrates its new frames in pieces of at most ``MAX_PUSH_CHUNKS`` DiT
+chunks (complete chunks never change later, so a long first push over the prompt is the same as
+several short ones), each padded to 1, 2, 4 or 8 chunks; the cache capacity is a power of two of
+chunks (8 to start with, doubled when full).  So the programs are (frames bucket x capacity), plus
+the first piece of a stream, which has no left token context: ``stream_programs`` lists them.
 
 Rows of a batch advance together: they share the prompt token/mel lengths and the pushed token
 count (the streaming server path is one request per state).
@@ -44,10 +49,13 @@ from cosyjax.flow.flow import Flow, make_flow
 from cosyjax.flow.prompt import FlowPrompt, int_rows
 from cosyjax.flow.solver import cfg_batch, solve_euler_cfg
 from cosyjax.precision import FLOAT32, Precision
+from cosyjax.programs import ProgramCache, specs_of
+from cosyjax.programs import run as run_program
 
 Array = jax.Array
 CONV2_LEFT = 2  # PreLookaheadLayer.conv2: kernel 3, left-causal
 MIN_CAPACITY_CHUNKS = 8
+MAX_PUSH_CHUNKS = 8  # frames one core call integrates, in DiT chunks (more are split into pieces)
 
 
 @dataclasses.dataclass
@@ -91,10 +99,18 @@ def cache_bytes_per_frame(cfg: FlowConfig, batch: int = 1, dtype: Any = jnp.floa
 
 
 def _empty_cache(cfg: FlowConfig, batch: int, capacity: int, dtype: Any) -> dict[str, Array]:
+    """Zeros made on the host and copied over: no device program to compile per shape."""
     kv = (cfg.n_timesteps, cfg.depth, 2 * batch, capacity, cfg.heads, cfg.dim_head)
     tail = (cfg.n_timesteps, 2 * batch, cfg.conv_pos_kernel - 1, cfg.dim)
-    return {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype),
-            "tail1": jnp.zeros(tail, jnp.float32), "tail2": jnp.zeros(tail, jnp.float32)}
+    dtype = jnp.dtype(dtype)
+    return {"k": jax.device_put(np.zeros(kv, dtype)), "v": jax.device_put(np.zeros(kv, dtype)),
+            "tail1": jax.device_put(np.zeros(tail, np.float32)), "tail2": jax.device_put(np.zeros(tail, np.float32))}
+
+
+def frames_bucket(new_frames: int, chunk: int) -> int:
+    """Frames one core call computes for ``new_frames`` (<= MAX_PUSH_CHUNKS chunks): 1, 2, 4 or 8 chunks."""
+    chunks = max(1, -(-new_frames // chunk))
+    return chunk * (1 << (chunks - 1).bit_length())
 
 
 def flow_stream_init(cfg: FlowConfig, prompt_token: Any = None, prompt_feat: Any = None, embedding: Any = None, *,
@@ -116,14 +132,17 @@ def flow_stream_init(cfg: FlowConfig, prompt_token: Any = None, prompt_feat: Any
     if (prompt.token_len != prompt.tokens.shape[1]).any() or (prompt.feat_len != prompt.feat.shape[1]).any():
         raise ValueError("prompt: stream rows advance together; give full-length prompts (no per-row lengths)")
     chunk = _chunk(cfg)
-    cap = max(capacity or 0, MIN_CAPACITY_CHUNKS * chunk)
-    cap = -(-cap // chunk) * chunk
+    # A power of two of chunks, as every later doubling: few distinct cache shapes to compile.
+    chunks = max(MIN_CAPACITY_CHUNKS, -(-(capacity or 0) // chunk))
+    cap = chunk * (1 << (chunks - 1).bit_length())
     return FlowStreamState(_empty_cache(cfg, prompt.batch, cap, cache_dtype), 0,
                            np.zeros((prompt.batch, 0, cfg.output_size), np.float32), prompt.tokens, prompt.feat,
                            prompt.embedding)
 
 
-def _grow(cache: dict[str, Array], capacity: int) -> dict[str, Array]:
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def _grow(cache: dict[str, Array], *, capacity: int) -> dict[str, Array]:
+    """The cache with its K/V capacity extended to ``capacity`` frames (zeros after the old ones)."""
     extra = capacity - cache["k"].shape[3]
     pad = [(0, 0)] * 3 + [(0, extra)] + [(0, 0)] * 2
     return {**cache, "k": jnp.pad(cache["k"], pad), "v": jnp.pad(cache["v"], pad)}
@@ -169,8 +188,8 @@ def _push_core(params: Mapping[str, Any], cache: dict[str, Array], tokens: Array
 
 
 def flow_stream_push(params: Mapping[str, Any], state: FlowStreamState, token: Any, *, cfg: FlowConfig,
-                     noise: Any, finalize: bool, out_from: int | None = None,
-                     precision: Precision = FLOAT32) -> tuple[np.ndarray, FlowStreamState]:
+                     noise: Any, finalize: bool, out_from: int | None = None, precision: Precision = FLOAT32,
+                     programs: ProgramCache | None = None) -> tuple[np.ndarray, FlowStreamState]:
     """Extend the stream to the target tokens ``token`` [B, Nt] (all so far, as upstream passes them).
 
     Equivalent to ``flow_inference(params, token, prompt, ..., streaming=True, finalize=finalize)``
@@ -184,6 +203,7 @@ def flow_stream_push(params: Mapping[str, Any], state: FlowStreamState, token: A
         output) to return; default: the first frame this push computed or recomputed, clipped to
         the prompt end.
       precision: the flow stage's ``Precision`` (static).
+      programs: run through this ``cosyjax.programs.ProgramCache`` (compiled ahead of time by warm-up).
     Returns:
       (mel [B, T_out, C] generated frames ``out_from ..`` of the prefix, the new state).  The state
       is updated in place as well (its cache buffers are donated).
@@ -195,7 +215,6 @@ def flow_stream_push(params: Mapping[str, Any], state: FlowStreamState, token: A
         raise ValueError(f"token: ids must lie in [0, {cfg.vocab_size})")
     chunk = _chunk(cfg)
     ratio = cfg.token_mel_ratio
-    batch, num_prompt = state.prompt_tokens.shape
     feat_len = state.prompt_feat.shape[1]
     all_tokens = np.concatenate([state.prompt_tokens, token], axis=1)  # [B, P + Nt]
     total = all_tokens.shape[1]
@@ -209,15 +228,38 @@ def flow_stream_push(params: Mapping[str, Any], state: FlowStreamState, token: A
     noise = np.asarray(noise)
     if mel_len > noise.shape[2]:
         raise ValueError(f"{mel_len} mel frames exceed the {noise.shape[2]}-frame noise buffer")
-    start = state.frames
-    new = mel_len - start
-    frames = -(-new // chunk) * chunk  # static bucket: whole chunks
-    keep = mel_len if finalize else (mel_len // chunk) * chunk
+    begin_frames = state.frames
+    end_keep = mel_len if finalize else (mel_len // chunk) * chunk
+    while True:  # pieces of at most MAX_PUSH_CHUNKS chunks; each piece's frames before the last are whole chunks
+        start = state.frames
+        piece_end = min(mel_len, start + MAX_PUSH_CHUNKS * chunk)
+        last = piece_end == mel_len
+        _push_piece(params, state, all_tokens, noise, cfg, start, piece_end, end_keep if last else piece_end,
+                    precision, programs)
+        if last:
+            break
+    state.frames = end_keep
+    state.finished = finalize
+    if out_from is not None and out_from < 0:
+        raise ValueError(f"out_from={out_from} must be >= 0")
+    begin = (max(begin_frames, feat_len) - feat_len if out_from is None
+             else min(out_from, mel_len - feat_len))
+    return state.mel[:, feat_len + begin:], state
+
+
+def _push_piece(params: Any, state: FlowStreamState, all_tokens: np.ndarray, noise: np.ndarray, cfg: FlowConfig,
+                start: int, end: int, keep: int, precision: Precision, programs: ProgramCache | None) -> None:
+    """Integrate frames [start, end) into ``state`` (mel and cache); frames < ``keep`` become final."""
+    chunk, ratio = _chunk(cfg), cfg.token_mel_ratio
+    batch = all_tokens.shape[0]
+    feat_len = state.prompt_feat.shape[1]
+    new = end - start
+    frames = frames_bucket(new, chunk)  # static bucket
     if start + frames > state.capacity:
         capacity = state.capacity
         while capacity < start + frames:
             capacity *= 2
-        state.cache = _grow(state.cache, capacity)
+        state.cache = run_program(programs, _grow, state.cache, capacity=capacity)
     # token window: CONV2_LEFT tokens of left context (none at the start), lookahead on the right
     first = start // ratio
     w0 = max(0, first - CONV2_LEFT)
@@ -234,15 +276,49 @@ def flow_stream_push(params: Mapping[str, Any], state: FlowStreamState, token: A
     noise_t = np.zeros((1, frames, cfg.output_size), np.float32)
     used = max(0, min(frames, noise.shape[2] - start))
     noise_t[0, :used] = np.transpose(noise[0, :, start:start + used])
-    x, state.cache = _push_core(params, state.cache, jnp.asarray(window), jnp.asarray(mask),
-                                jnp.asarray(state.embedding), jnp.asarray(feat), jnp.asarray(noise_t),
-                                jnp.int32(start), jnp.int32(new), jnp.int32(keep - start),
-                                cfg=cfg, window_offset=first - w0, precision=precision)
-    x = np.asarray(x)[:, :new]
-    state.mel = np.concatenate([state.mel[:, :start], x], axis=1)
+    x, state.cache = run_program(programs, _push_core, params, state.cache, window, mask, state.embedding, feat,
+                                 noise_t, np.int32(start), np.int32(new), np.int32(keep - start), cfg=cfg,
+                                 window_offset=first - w0, precision=precision)
+    state.mel = np.concatenate([state.mel[:, :start], np.asarray(x)[:, :new]], axis=1)
     state.frames = keep
-    state.finished = finalize
-    if out_from is not None and out_from < 0:
-        raise ValueError(f"out_from={out_from} must be >= 0")
-    begin = max(start, feat_len) - feat_len if out_from is None else min(out_from, mel_len - feat_len)
-    return state.mel[:, feat_len + begin:], state
+
+
+def stream_programs(cfg: FlowConfig, params: Any, *, max_frames: int, batch: int = 1,
+                    precision: Precision = FLOAT32, cache_dtype: Any = jnp.float32) -> list[tuple[Any, tuple, dict]]:
+    """Every program ``flow_stream_push`` can run for streams of up to ``max_frames`` mel frames
+    (prompt + generated): the core per (frames bucket, cache capacity, left context) and the
+    capacity doublings, as (function, argument specs, static arguments)."""
+    chunk, ratio = _chunk(cfg), cfg.token_mel_ratio
+    i32, f32 = np.int32, np.float32
+    p = specs_of(params)
+    capacities, cap = [], MIN_CAPACITY_CHUNKS * chunk
+    while True:  # the last capacity must hold max_frames plus a padded piece
+        capacities.append(cap)
+        if cap >= max_frames + MAX_PUSH_CHUNKS * chunk:
+            break
+        cap *= 2
+
+    def cache(capacity):
+        kv = jax.ShapeDtypeStruct((cfg.n_timesteps, cfg.depth, 2 * batch, capacity, cfg.heads, cfg.dim_head),
+                                  jnp.dtype(cache_dtype))
+        tail = jax.ShapeDtypeStruct((cfg.n_timesteps, 2 * batch, cfg.conv_pos_kernel - 1, cfg.dim), f32)
+        return {"k": kv, "v": kv, "tail1": tail, "tail2": tail}
+
+    out = []
+    buckets = [chunk * (1 << k) for k in range(MAX_PUSH_CHUNKS.bit_length()) if (1 << k) <= MAX_PUSH_CHUNKS]
+    later_offsets = sorted({min(CONV2_LEFT, k * chunk // ratio) for k in (1, 2)})
+    scalar = jax.ShapeDtypeStruct((), i32)
+    for capacity in capacities:
+        for frames in buckets:
+            width = frames // ratio + CONV2_LEFT + cfg.pre_lookahead_len
+            offsets = ([0] if capacity == capacities[0] else []) + later_offsets
+            for offset in offsets:
+                args = (p, cache(capacity), jax.ShapeDtypeStruct((batch, width), i32),
+                        jax.ShapeDtypeStruct((batch, width), bool),
+                        jax.ShapeDtypeStruct((batch, cfg.spk_embed_dim), f32),
+                        jax.ShapeDtypeStruct((batch, frames, cfg.output_size), f32),
+                        jax.ShapeDtypeStruct((1, frames, cfg.output_size), f32), scalar, scalar, scalar)
+                out.append((_push_core, args, dict(cfg=cfg, window_offset=offset, precision=precision)))
+        if capacity != capacities[-1]:
+            out.append((_grow, (cache(capacity),), dict(capacity=2 * capacity)))
+    return out

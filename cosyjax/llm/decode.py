@@ -2,10 +2,13 @@
 
 Cache layout: one {"k", "v": [B, S, K, H]} per layer, plus ``valid`` [B, S] (which slots hold a real
 token of that row), ``positions`` [B] (the rotary position the row's next token gets) and
-``end_index`` (the next slot to write, shared by all rows).  A batch of prompts of different
-lengths is right-padded to one prefill length P: row b's prompt sits in slots [0, len_b), its pad
-slots stay invalid, and decode step i writes slot P + i for every row with rotary position
-len_b + i.  So each row sees exactly its own tokens at its own positions, as if decoded alone.
+``end_index`` [B] (the next slot each row writes).  A batch of prompts of different lengths is
+right-padded to one prefill length P: row b's prompt sits in slots [0, len_b), its pad slots stay
+invalid, and its decode step i writes slot P + i with rotary position len_b + i.  So each row sees
+exactly its own tokens at its own positions, as if decoded alone.  Every per-row quantity (write
+slot, step, positions) is a vector, so rows need not start together: ``insert_row`` puts a freshly
+prefilled request into one row of a running batch (the serving engine's decode slots), and a
+finished row stops writing.
 
 The loop mirrors upstream step for step: the scores for step i come from the forward of the
 previous token (or of the prompt for i = 0); a sampled id >= speech_token_size stops the row and is
@@ -41,9 +44,9 @@ class DecodeState:
       cache: list over layers of {"k", "v": [B, S, K, H]}.
       valid: [B, S] bool, slots holding a real token of the row.
       positions: [B] int32, rotary position of the row's next token.
-      end_index: int32 scalar, next cache slot to write.
+      end_index: [B] int32, next cache slot each row writes.
       logits: [B, V] float32 llm_decoder output that the next step samples from.
-      step: int32 scalar, decode steps taken (the same for every row: rows start together).
+      step: [B] int32, decode steps the row has taken.
       num_tokens: [B] int32, tokens emitted so far.
       done: [B] bool.
       stop_token: [B] int32, the stop id that ended the row, -1 otherwise.
@@ -101,24 +104,32 @@ def _forward(cfg: LLMConfig, params, state: DecodeState, x: Array, new_valid: Ar
     model = _model(cfg, params, precision)
     length = x.shape[1]
     slots = state.valid.shape[1]
-    write = state.end_index
-    valid = jax.lax.dynamic_update_slice(state.valid, new_valid, (0, write))  # [B, S]
+    write = state.end_index  # [B]
+    valid = jax.vmap(lambda v, n, i: jax.lax.dynamic_update_slice(v, n, (i,)))(state.valid, new_valid, write)  # [B, S]
     positions = state.positions[:, None] + jnp.arange(length, dtype=jnp.int32)  # [B, T]
-    query_slot = write + jnp.arange(length, dtype=jnp.int32)  # [T]
-    causal = jnp.arange(slots, dtype=jnp.int32)[None, :] <= query_slot[:, None]  # [T, S]
-    mask = valid[:, None, :] & causal[None]  # [B, T, S]
+    query_slot = write[:, None] + jnp.arange(length, dtype=jnp.int32)  # [B, T]
+    causal = jnp.arange(slots, dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None]  # [B, T, S]
+    mask = valid[:, None, :] & causal  # [B, T, S]
     hidden, cache = model.apply({"params": params}, x, positions, mask, state.cache, write)
+    # A row advances by the tokens it really wrote: a finished row keeps its slot (its writes stay invalid).
+    advance = jnp.where(jnp.any(new_valid, axis=1), length, 0).astype(jnp.int32)
     return hidden, state.replace(
-        cache=cache, valid=valid, end_index=write + length,
+        cache=cache, valid=valid, end_index=write + advance,
         positions=state.positions + jnp.sum(new_valid, axis=1, dtype=jnp.int32))
 
 
-def _feed(cfg: LLMConfig, params, state: DecodeState, tokens: Array, precision: Precision | None) -> DecodeState:
-    """Feed one speech token per row [B]; the state's logits become the next step's."""
+def _feed(cfg: LLMConfig, params, state: DecodeState, tokens: Array, precision: Precision | None,
+          live: Array | None = None) -> DecodeState:
+    """Feed one speech token per row [B]; the state's logits become the next step's.
+
+    ``live`` [B]: rows whose token is real (default all); the others' writes stay invalid and their
+    write slot does not advance.
+    """
     model = _model(cfg, params, precision)
     x = model.apply({"params": params}, tokens[:, None], jnp.ones_like(tokens[:, None], bool),
                     method=model.embed)  # [B, 1, D]
-    hidden, state = _forward(cfg, params, state, x, jnp.ones(x.shape[:2], bool), precision)
+    live = jnp.ones(x.shape[:1], bool) if live is None else live
+    hidden, state = _forward(cfg, params, state, x, live[:, None], precision)
     logits = model.apply({"params": params}, hidden[:, 0], method=model.logits)  # [B, V]
     return state.replace(logits=logits)
 
@@ -148,9 +159,9 @@ def prefill(params, ids: Array, is_speech: Array, lengths: Array, min_len: Array
         cache=[{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)],
         valid=jnp.zeros((batch, cache_len), bool),
         positions=jnp.zeros((batch,), jnp.int32),
-        end_index=jnp.zeros((), jnp.int32),
+        end_index=jnp.zeros((batch,), jnp.int32),
         logits=jnp.zeros((batch, cfg.speech_vocab_size), jnp.float32),
-        step=jnp.zeros((), jnp.int32),
+        step=jnp.zeros((batch,), jnp.int32),
         num_tokens=jnp.zeros((batch,), jnp.int32),
         done=max_len <= 0,
         stop_token=jnp.full((batch,), -1, jnp.int32),
@@ -211,7 +222,7 @@ def decode_chunk(params, state: DecodeState, *, cfg: LLMConfig, settings: Sample
         if record_logits:
             logits_buf = logits_buf.at[:, i].set(st.logits)
         scores = step_scores(cfg, settings, st.logits, st.step, st.min_len)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(st.keys, st.step)
+        keys = jax.vmap(jax.random.fold_in)(st.keys, st.step)
         token = sample(keys, scores, st.recent, settings)  # [B]
         active = ~st.done
         is_stop = token >= stop_id
@@ -228,7 +239,10 @@ def decode_chunk(params, state: DecodeState, *, cfg: LLMConfig, settings: Sample
         return st, jnp.where(emit, token, 0), tokens, logits_buf
 
     def feed(st, token):
-        return _feed(cfg, params, st, token, precision)
+        return _feed(cfg, params, st, token, precision, live=~st.done)
+
+    def cache_full(st):  # a live row with no slot left to write
+        return jnp.any(~st.done & (st.end_index >= slots))
 
     tokens = jnp.full((batch, num_steps), -1, jnp.int32)
     logits_buf = (jnp.zeros((batch, num_steps, cfg.speech_vocab_size), jnp.float32) if record_logits
@@ -241,7 +255,7 @@ def decode_chunk(params, state: DecodeState, *, cfg: LLMConfig, settings: Sample
 
         def scan_body(carry, _):
             i, st, tokens, logits_buf = carry
-            idle = jnp.all(st.done) | (st.end_index >= slots)
+            idle = jnp.all(st.done) | cache_full(st)
             new, token, new_tokens, new_buf = sample_step(i, st, tokens, logits_buf)
             fed = feed(new, token)
             # The cache is always taken as fed: a feed that is masked out wrote one slot at end_index,
@@ -256,7 +270,7 @@ def decode_chunk(params, state: DecodeState, *, cfg: LLMConfig, settings: Sample
     else:
         def cond(carry):
             i, st, _, _ = carry
-            return (i < num_steps) & ~jnp.all(st.done) & (st.end_index < slots)
+            return (i < num_steps) & ~jnp.all(st.done) & ~cache_full(st)
 
         def body(carry):
             i, st, tokens, logits_buf = carry
@@ -286,3 +300,17 @@ def decode_forced(params, state: DecodeState, tokens: Array, *, cfg: LLMConfig,
 
     state, logits = jax.lax.scan(body, state, tokens.T)
     return state, jnp.swapaxes(logits, 0, 1)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert_row(state: DecodeState, row: DecodeState, slot: Array) -> DecodeState:
+    """``state`` with row ``slot`` replaced by the one row of ``row`` (a batch-1 ``prefill`` state of the
+    same cache length): a new request joins a running batch between decode chunks."""
+    return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), slot, axis=0),
+                        state, row)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def release_row(state: DecodeState, slot: Array) -> DecodeState:
+    """``state`` with row ``slot`` marked done (a cancelled or finished request frees its slot)."""
+    return state.replace(done=state.done.at[slot].set(True))

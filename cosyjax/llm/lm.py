@@ -33,6 +33,8 @@ from cosyjax.llm import decode
 from cosyjax.llm.qwen2 import build_model, precision_of
 from cosyjax.llm.sampling import SamplerSettings
 from cosyjax.precision import Precision
+from cosyjax.programs import ProgramCache, specs_of
+from cosyjax.programs import run as run_program
 
 Array = jax.Array
 MIN_TOKEN_TEXT_RATIO = 2.0  # Qwen2LM.inference defaults
@@ -278,32 +280,43 @@ def prepare(cfg: LLMConfig, requests: Sequence[LMRequest], keys, *, cache_len: i
 
 
 def start(params, cfg: LLMConfig, requests: Sequence[LMRequest], keys: Array, settings: SamplerSettings,
-          precision: Precision | None = None, **prepare_kwargs) -> decode.DecodeState:
-    """``prepare`` (host checks) then ``decode.prefill``; returns the decode state."""
+          precision: Precision | None = None, programs: ProgramCache | None = None,
+          **prepare_kwargs) -> decode.DecodeState:
+    """``prepare`` (host checks) then ``decode.prefill``; returns the decode state.
+
+    ``programs``: run through this ``cosyjax.programs.ProgramCache`` (compiled ahead of time by warm-up).
+    """
     batch = prepare(cfg, requests, keys, **prepare_kwargs)
-    return decode.prefill(params, batch.ids, batch.is_speech, batch.lengths, batch.min_len, batch.max_len, keys,
-                          cfg=cfg, cache_len=batch.cache_len, window=settings.win_size, precision=precision)
+    return run_program(programs, decode.prefill, params, batch.ids, batch.is_speech, batch.lengths, batch.min_len,
+                       batch.max_len, keys, cfg=cfg, cache_len=batch.cache_len, window=settings.win_size,
+                       precision=precision)
 
 
 def stream(params, cfg: LLMConfig, state: decode.DecodeState, settings: SamplerSettings, *,
-           chunk_size: int = 25, record_logits: bool = False, precision: Precision | None = None
+           chunk_size: int = 25, record_logits: bool = False, precision: Precision | None = None,
+           programs: ProgramCache | None = None
            ) -> Iterator[tuple[list[np.ndarray], decode.DecodeState, decode.ChunkOutput]]:
-    """Decode chunk by chunk until every row is done; yields (new tokens per row, state, chunk)."""
+    """Decode chunk by chunk until every row is done; yields (new tokens per row, state, chunk).
+
+    One host read per chunk: the chunk's tokens and counts, and ``done``.
+    """
     while True:
         done = np.asarray(state.done)
         if done.all():
             return
-        if int(state.end_index) >= state.valid.shape[1]:
+        if (np.asarray(state.end_index)[~done] >= state.valid.shape[1]).any():
             raise ValueError(f"KV cache full ({state.valid.shape[1]} slots) before every row finished")
-        state, chunk = decode.decode_chunk(params, state, cfg=cfg, settings=settings, num_steps=chunk_size,
-                                           record_logits=record_logits, precision=precision)
+        state, chunk = run_program(programs, decode.decode_chunk, params, state, cfg=cfg, settings=settings,
+                                   num_steps=chunk_size, record_logits=record_logits, precision=precision,
+                                   fixed_trip=None)
         tokens, count = np.asarray(chunk.tokens), np.asarray(chunk.count)
         yield [tokens[b, :count[b]] for b in range(tokens.shape[0])], state, chunk
 
 
 def generate(params, cfg: LLMConfig, requests: Sequence[LMRequest], keys: Array, settings: SamplerSettings,
              *, chunk_size: int = 25, record_logits: bool = False, cache_len: int | None = None,
-             precision: Precision | None = None, **prepare_kwargs) -> list[Generation]:
+             precision: Precision | None = None, programs: ProgramCache | None = None,
+             **prepare_kwargs) -> list[Generation]:
     """Generate speech tokens for a batch of requests (rows stop independently).
 
     Args:
@@ -314,19 +327,20 @@ def generate(params, cfg: LLMConfig, requests: Sequence[LMRequest], keys: Array,
       record_logits: keep each step's llm_decoder output (parity; costs B*chunk*V floats per chunk).
       cache_len, prepare_kwargs: passed to ``prepare`` (min_ratio, max_ratio, require_endofprompt).
       precision: the LLM stage's ``Precision`` (None: from the params' dtype).
+      programs: run through this ``cosyjax.programs.ProgramCache``.
     Returns:
       one Generation per request.
     """
     # Every check runs before anything reaches the device.
     prepare(cfg, requests, keys, cache_len=cache_len, **prepare_kwargs)
     params = jax.tree.map(jnp.asarray, params)
-    state = start(params, cfg, requests, keys, settings, precision, cache_len=cache_len, **prepare_kwargs)
+    state = start(params, cfg, requests, keys, settings, precision, programs, cache_len=cache_len, **prepare_kwargs)
     batch = len(requests)
     tokens: list[list[np.ndarray]] = [[] for _ in range(batch)]
     logits: list[list[np.ndarray]] = [[] for _ in range(batch)]
     live = ~np.asarray(state.done)
     for new, state, chunk in stream(params, cfg, state, settings, chunk_size=chunk_size,
-                                    record_logits=record_logits, precision=precision):
+                                    record_logits=record_logits, precision=precision, programs=programs):
         stop = np.asarray(state.stop_token)
         chunk_logits = np.asarray(chunk.step_logits) if record_logits else None
         for b in range(batch):
@@ -341,3 +355,26 @@ def generate(params, cfg: LLMConfig, requests: Sequence[LMRequest], keys: Array,
                        stop_token=int(stop[b]),
                        step_logits=np.concatenate([no_logits] + logits[b]) if record_logits else None)
             for b in range(batch)]
+
+
+def programs(cfg: LLMConfig, params, *, max_prefill: int, cache_len: int, settings: SamplerSettings,
+             chunk_size: int, batch: int = 1, precision: Precision | None = None) -> list[tuple]:
+    """Every program ``start`` + ``stream`` run for prompts of up to ``max_prefill`` tokens with a
+    ``cache_len``-slot cache: prefill per prompt bucket, and the decode chunk (cosyjax.programs)."""
+    p = specs_of(params)
+    i32 = np.int32
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+    out, size = [], bucket(1)
+    rows = jax.ShapeDtypeStruct((batch,), i32)
+    while True:
+        prefill_static = dict(cfg=cfg, cache_len=cache_len, window=settings.win_size, precision=precision)
+        args = (p, jax.ShapeDtypeStruct((batch, size), i32), jax.ShapeDtypeStruct((batch, size), bool), rows, rows,
+                rows, keys)
+        out.append((decode.prefill, args, prefill_static))
+        if size >= max_prefill:
+            break
+        size *= 2
+    state = jax.eval_shape(functools.partial(decode.prefill, **prefill_static), *args)
+    out.append((decode.decode_chunk, (p, state), dict(cfg=cfg, settings=settings, num_steps=chunk_size,
+                                                      record_logits=False, precision=precision, fixed_trip=None)))
+    return out

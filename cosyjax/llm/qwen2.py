@@ -97,7 +97,7 @@ class Attention(nn.Module):
           positions: [B, T] int rotary positions of the queries (and of the keys they write).
           mask: [B, T, S] bool, True where query t may attend key slot s (S = T without a cache).
           cache: None, or {"k", "v": [B, S, K, H]} slots to write the new keys/values into.
-          write_index: int32 scalar, first cache slot of the new keys (with a cache only).
+          write_index: [B] int32, each row's first cache slot of the new keys (with a cache only).
         Returns:
           out [B, T, D] float32 and the updated cache (None without one).
         """
@@ -111,9 +111,11 @@ class Attention(nn.Module):
         key = apply_rope(key, cos, sin)
         new_cache = None
         if cache is not None:
-            start = (0, write_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)  # [B, S, K, H]
-            value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)
+            def write(slots, new, start):  # one row: [S, K, H] <- [T, K, H] at slot ``start``
+                return jax.lax.dynamic_update_slice(slots, new.astype(slots.dtype), (start, 0, 0))
+
+            key = jax.vmap(write)(cache["k"], key, write_index)  # [B, S, K, H]
+            value = jax.vmap(write)(cache["v"], value, write_index)
             new_cache = {"k": key, "v": value}
         out = attention(q, key, value, mask, scale=float(np.float32(1.0 / np.sqrt(h))), precision=self.precision)
         out = out.reshape(batch, length, n * h)  # [B, T, N*H]

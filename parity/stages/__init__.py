@@ -28,11 +28,13 @@ class GroupResult:
       outputs: our arrays under the same ``<group>/<name>`` keys as the reference's.
       comparisons: one per compared key, with the tolerance used.
       plots: (title, key) pairs worth plotting as overlays (ours vs reference).
+      notes: measurements reported with the group that are not pass/fail criteria.
     """
 
     outputs: dict[str, np.ndarray]
     comparisons: list[Comparison]
     plots: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 Runner = Callable[[Case, str, ConvertedModel], GroupResult]

@@ -1,0 +1,114 @@
+"""Compiled stage programs, keyed by their static arguments and input shapes.
+
+``jax.jit`` compiles a function the first time it sees new shapes, inside whatever call brought
+them: for a server that is inside a request.  ``ProgramCache`` makes the compiled programs explicit
+objects: ``cache(fn, *args, **static)`` runs ``fn`` (a ``jax.jit``-wrapped stage core) through an
+executable compiled ahead of time for those static arguments and argument shapes, compiling it on
+first use, and ``cache.compile(fn, *specs, **static)`` compiles one from shapes alone
+(``jax.ShapeDtypeStruct``), without running anything.  ``CosyVoice3Model.warmup`` compiles every
+program the documented limits can reach; after it, a request inside the limits compiles nothing.
+
+The same (fn, shapes, static) triples are what ``jax.export`` needs, so ``ProgramCache.specs`` also
+lists them for ``cosyjax export-programs``.
+
+Thread safety: lookups and inserts take a lock; two threads compiling the same program at once
+compile it twice and keep one (harmless, and only before warm-up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+def _spec(x: Any) -> Any:
+    """The ``ShapeDtypeStruct`` of an argument leaf (arrays, numpy, specs; Python scalars as weak types)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, (bool, int, float)) and not isinstance(x, np.generic):
+        return jax.ShapeDtypeStruct((), jax.numpy.asarray(x).dtype, weak_type=True)
+    arr = x if isinstance(x, jax.Array) else np.asarray(x)
+    return jax.ShapeDtypeStruct(arr.shape, arr.dtype, weak_type=getattr(x, "weak_type", False))
+
+
+def _key(fn: Callable, args: tuple, static: dict) -> tuple:
+    leaves, tree = jax.tree.flatten(args)
+    shapes = tuple((s.shape, str(s.dtype), bool(s.weak_type)) for s in map(_spec, leaves))
+    return (fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), tree, shapes)
+
+
+@dataclasses.dataclass
+class Program:
+    """One compiled stage program and what it was compiled for."""
+
+    name: str
+    fn: Callable
+    specs: tuple
+    static: dict
+    executable: Any
+    seconds: float
+
+
+class ProgramCache:
+    """Compiled programs by (function, static arguments, argument shapes); see the module docstring.
+
+    Attributes:
+      compiles: programs compiled so far (by ``compile`` or on a first call).
+      seconds: total compile time.
+    """
+
+    def __init__(self):
+        self._programs: dict[tuple, Program] = {}
+        self._lock = threading.Lock()
+        self.compiles = 0
+        self.seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self._programs)
+
+    def compile(self, fn: Callable, *args: Any, **static: Any) -> Program:
+        """The program for ``fn(*args, **static)``, compiled now if it is new; ``args`` may be specs."""
+        key = _key(fn, args, static)
+        with self._lock:
+            found = self._programs.get(key)
+        if found is not None:
+            return found
+        specs = jax.tree.map(_spec, args)
+        start = time.perf_counter()
+        executable = fn.lower(*specs, **static).compile()
+        seconds = time.perf_counter() - start
+        program = Program(getattr(fn, "__name__", repr(fn)), fn, specs, dict(static), executable, seconds)
+        with self._lock:
+            if key not in self._programs:
+                self._programs[key] = program
+                self.compiles += 1
+                self.seconds += seconds
+            return self._programs[key]
+
+    def __call__(self, fn: Callable, *args: Any, **static: Any) -> Any:
+        """Run ``fn(*args, **static)`` through its compiled program."""
+        return self.compile(fn, *args, **static).executable(*args)
+
+    def programs(self) -> list[Program]:
+        with self._lock:
+            return list(self._programs.values())
+
+
+def run(cache: ProgramCache | None, fn: Callable, *args: Any, **static: Any) -> Any:
+    """``cache(fn, *args, **static)``, or the plain jitted call without a cache."""
+    if cache is None:
+        return fn(*args, **static)
+    return cache(fn, *args, **static)
+
+
+def specs_of(tree: Any) -> Any:
+    """A pytree of ``ShapeDtypeStruct`` with the shapes and dtypes of ``tree``'s leaves."""
+    return jax.tree.map(_spec, tree)
+
+
+__all__ = ["Program", "ProgramCache", "run", "specs_of"]
