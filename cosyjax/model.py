@@ -298,6 +298,8 @@ class CosyVoice3Model:
         # What the last request did (for tests and parity): "llm_tokens", "flow_tokens" [N] and
         # "flow_calls" [K, 3] = (target tokens, streaming, finalize) per flow call.
         self.last_trace: dict[str, np.ndarray] = {}
+        # The same per row of the last ``tts_batch`` call ("llm_tokens", "flow_tokens" [N_b]).
+        self.last_batch_trace: list[dict[str, np.ndarray]] = []
         self._flow_calls: list[tuple[int, int, int]] = []
 
     # ---------------------------------------------------------------- validation
@@ -527,7 +529,8 @@ class CosyVoice3Model:
           keys: one key per request (default: each request's ``key`` entry, else seed 0).
         Returns:
           one waveform [1, samples] per request, each equal (up to float32 rounding of the padded
-          shapes) to ``next(tts(**request))["tts_speech"]``.
+          shapes) to ``next(tts(**request))["tts_speech"]``; ``last_batch_trace[i]`` holds row i's
+          "llm_tokens" and "flow_tokens", as ``last_trace`` does for ``tts``.
         """
         if not requests:
             raise ValueError("tts_batch: no requests")
@@ -564,6 +567,8 @@ class CosyVoice3Model:
             if not q.uses_llm:
                 raw[i] = q.forced_tokens if q.forced_tokens is not None else q.source_speech
         tokens = [np.asarray(self._filter(q.source_speech is not None)(raw[i]), np.int64) for i, q in enumerate(reqs)]
+        self.last_batch_trace = [{"llm_tokens": np.asarray(raw[i], np.int64), "flow_tokens": tokens[i]}
+                                 for i in range(len(reqs))]
         out: list[np.ndarray] = [np.zeros((1, 0), np.float32)] * len(reqs)
         rows = [i for i in range(len(reqs)) if tokens[i].size]
         if not rows:
