@@ -146,6 +146,7 @@ class CosyVoice3:
         release's RL-tuned "llm.rl.pt" (ignored with ``converted_dir``, which holds what it was made from).
       backend: JAX platform to run on ("cpu", "gpu", "tpu"); default: JAX's default.
       onnx_providers: onnxruntime providers for the prompt feature models.
+      progress: progress bars (first-use conversion, texts of several segments).
       model_options: passed to ``CosyVoice3Model`` (sampler, upstream quirk switches, ...).
     """
 
@@ -174,6 +175,7 @@ class CosyVoice3:
         with jax.default_device(self.device):
             self.model = CosyVoice3Model(converted, dtype, **model_options)
         self.spk2info: dict[str, Any] = {}
+        self.progress = progress
 
     @classmethod
     def from_pretrained(cls, model_dir_or_hub_id: str = DEFAULT_HUB_ID, *, dtype: str = "float32",
@@ -208,7 +210,7 @@ class CosyVoice3:
         from tqdm.auto import tqdm
 
         key = jax.random.key(seed)
-        for i, segment in enumerate(tqdm(segments, desc="segments", disable=len(segments) < 2)):
+        for i, segment in enumerate(tqdm(segments, desc="segments", disable=not self.progress or len(segments) < 2)):
             with jax.default_device(self.device):
                 yield from self.model.tts(**make_inputs(segment), stream=stream, speed=speed,
                                           key=jax.random.fold_in(key, i))
