@@ -161,7 +161,8 @@ class CosyVoice3:
         self.model_dir = model_dir
         self.config = load_model_config(model_dir)
         self.sample_rate = self.config.sample_rate
-        self.device = jax.devices(backend)[0] if backend else jax.devices()[0]
+        # local: in a multi-process run jax.devices()[0] belongs to process 0
+        self.device = jax.local_devices(backend=backend)[0]
         self.tokenizer = CosyVoice3Tokenizer(os.path.join(model_dir, QWEN_DIR))
         self.tokenizer.check_release(self.config.llm.vocab_size)
         self.normalizer = TextNormalizer(self.tokenizer.encode)
