@@ -13,7 +13,7 @@ Fields (these names are the contract; any other key is refused, so a typo cannot
 ``prompt_text`` ``zero_shot`` with ``prompt_wav`` only: the transcript of the prompt
 ``instruct_text`` ``instruct2`` only (required there)
 ``source_wav`` ``vc`` only (required there): the speech to convert, a path like ``prompt_wav``
-``seed``       optional int in [0, 2**32), default 0: the line's PRNG key, as ``cosyjax tts --seed``
+``seed``       optional int in [0, 2**32), default 0: the line's PRNG key, as ``cosyjax tts --seed`` (``vc`` draws none)
 ``speed``      optional positive number, default 1.0
 ============== ======================================================================================
 

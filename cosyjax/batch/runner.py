@@ -675,7 +675,8 @@ def run_batch(manifest: str, out_dir: str, *, tts: Any = None, model_dir: str | 
         tts = CosyVoice3.from_pretrained(model_dir or DEFAULT_HUB_ID, dtype=dtype, backend=backend,
                                          converted_dir=converted_dir, llm_file=llm_file, progress=show)
     if spkinfo is not None:
-        check_speakers(manifest, entries, tts.load_spkinfo(spkinfo))
+        tts.load_spkinfo(spkinfo)
+        check_speakers(manifest, entries, tts.spk2info)  # with voices the caller's tts already held
     local = _local_devices(tts, devices)
     out = OutputDir(out_dir, proc, subtype=subtype, sample_rate=tts.sample_rate)
     salt = fingerprint_salt(tts, subtype)
