@@ -2,7 +2,10 @@
 
     python -m benchmarks [--all | --stages llm,flow,hift,e2e,stream] [--reference-repo PATH]
                          [--json FILE] [--markdown FILE] [--quick] [--seconds N] [--batch-sizes 1,8,32]
-                         [--repeats N] [--isolate] [--dry-run]
+                         [--repeats N] [--isolate] [--dry-run] [--batch-release DIR]
+
+Extra stages, only when named in --stages: hift_stream, flow_stream, batch (``cosyjax batch`` throughput
+on a 64-line manifest per batch size, tiny release dims: see benchmarks/batch.py).
 
 Stages always run in the order llm, flow, hift, e2e, stream, in one process that builds each random
 model once: the stage rows compile the programs the e2e request uses (same padded shapes), so e2e
@@ -45,6 +48,9 @@ CPU_COST = {
     "hift_compile": 7.0,
     "stream_compile": 18.0,  # streaming flow + carried-state HiFT
     "model_build": 6.0,  # CosyVoice3Model device copies
+    # batch stage, warm-up + timed run of the 64-line tiny-release manifest per batch size (2026-12-02, Intel,
+    # load ~5 from other jobs: an upper bound); other batch sizes interpolate
+    "batch_s": {1: 270.0, 8: 240.0, 32: 506.0},
 }
 
 
@@ -161,6 +167,8 @@ def estimate(wl: Workload, stages: list[str], reference: bool, isolate: bool = F
                 t += flow_s("upstream", off, wl.prompt_tokens)
                 hop = min(MAX_HOP_FACTOR * wl.hop, 2 * hop)
         est["flow_stream"] = t
+    if "batch" in stages:
+        est["batch"] = 5.0 + sum(_interp(c["batch_s"], b) for b in wl.batch_sizes)
     if isolate:
         est["startup"] *= 1 + len(stages)
     return est
@@ -185,6 +193,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--isolate", action="store_true", help="one fresh subprocess per stage")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate only")
+    ap.add_argument("--batch-release", default=None,
+                    help="batch stage: release directory to run (default: tests/data/tiny-release)")
     args = ap.parse_args(argv)
     if args.stages:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -207,7 +217,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _notes(wl: Workload, reference: bool) -> list[str]:
+def _notes(wl: Workload, reference: bool, stages: list[str]) -> list[str]:
     notes = [
         "Times are the best of the timed repeats after a warm-up call; 'warm-up (compile)' is the warm-up "
         "wall time and the JAX trace+compile seconds inside it. A ⚠ marks compilations inside timed calls.",
@@ -223,6 +233,11 @@ def _notes(wl: Workload, reference: bool) -> list[str]:
         "Peak RSS: process peak during that side's calls (kernel high-water mark reset before them); "
         "(+x) is the growth over the RSS at their start. Both sides' weights stay resident throughout.",
     ]
+    if "batch" in stages:
+        notes.append("Batch: cosyjax.batch.run_batch on the whole manifest (frontend, prompt features, LLM, flow and "
+                     "HiFT batched, wav writing), timed after a warm-up run of the same manifest; the tiny release's "
+                     "dims (release dims do not fit the CPU budget), its random LLM decodes max_len = 20 x text "
+                     "tokens on every line. Upstream has no batch path.")
     if not reference:
         notes.append("No --reference-repo: cosyjax only, random weights drawn in numpy.")
     return notes
@@ -303,11 +318,12 @@ def main(argv: list[str] | None = None) -> int:
 
             upstream_commit = git_commit(args.reference_repo) or upstream_commit
     else:
-        from benchmarks import e2e, flow, hift, llm
+        from benchmarks import batch, e2e, flow, hift, llm
         from benchmarks.models import Bundle
 
         runners = {"llm": llm.run, "flow": flow.run, "hift": hift.run, "e2e": e2e.run_e2e, "stream": e2e.run_stream,
-                   "hift_stream": hift.run_stream, "flow_stream": flow.run_stream}
+                   "hift_stream": hift.run_stream, "flow_stream": flow.run_stream,
+                   "batch": lambda b: batch.run(b, args.batch_release)}
         bundle = Bundle(wl, args.reference_repo)
         if bundle.upstream_info is not None:
             upstream_commit = bundle.upstream_info.commit or upstream_commit
@@ -340,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_by_stage_s": elapsed,
         "rows": rows,
         "errors": errors,
-        "notes": _notes(wl, reference),
+        "notes": _notes(wl, reference, args.stage_list),
     }
     report = markdown_report(result)
     if errors:

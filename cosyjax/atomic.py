@@ -1,8 +1,9 @@
-"""Atomic output directories: build in a temp dir, then publish with renames."""
+"""Atomic outputs: build a directory or a file under a temp name next to it, then publish with renames."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -46,4 +47,33 @@ def staged_dir(dst: str) -> Iterator[str]:
         publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the mask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def staged_file(dst: str) -> Iterator[str]:
+    """A fresh temp path next to ``dst`` (same extension, hidden name) to write one file to.
+
+    When the block ends normally the file is renamed onto ``dst`` (readers see the old file or the
+    whole new one, never a part); when it raises, the temp file is removed and ``dst`` is left as it was.
+    """
+    dst = os.path.abspath(dst)
+    directory, name = os.path.split(dst)
+    stem, ext = os.path.splitext(name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=ext, dir=directory)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result gets the usual mode
+        yield tmp
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise

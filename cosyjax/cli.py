@@ -2,6 +2,7 @@
 
 Commands:
   cosyjax tts --text T [--prompt-wav W --prompt-text P] [--mode ...] [--stream] [--seed N] -o out.wav
+  cosyjax batch --manifest M.jsonl --out DIR [--model-dir M] [--batch-size N] [--spkinfo DIR] [...]
   cosyjax convert --model-dir M --out O [--dtype float32|bfloat16] [--llm-file llm.pt|llm.rl.pt] [--overwrite]
   cosyjax export --converted-dir C --out O [--template RELEASE_DIR]   (JAX -> upstream .pt)
   cosyjax serve --model-dir M [--host 0.0.0.0] [--port 50000] [--dtype ...]   (pip install "cosyjax[server]")
@@ -21,6 +22,7 @@ EXAMPLES = """examples:
   cosyjax tts --text "Hello world." --prompt-wav prompt.wav \\
       --prompt-text "You are a helpful assistant.<|endofprompt|>Transcript of prompt.wav." -o out.wav
   cosyjax tts --model-dir tests/data/tiny-release --text "Hello world." --prompt-wav p.wav --stream -o out.wav
+  cosyjax batch --model-dir tests/data/tiny-release --manifest test.jsonl --out wavs/ --batch-size 16
   cosyjax convert --model-dir pretrained_models/Fun-CosyVoice3-0.5B --out converted/cv3
   cosyjax convert --model-dir pretrained_models/Fun-CosyVoice3-0.5B --llm-file llm.rl.pt --out converted/cv3-rl
   cosyjax parity check --case tests/data/tiny-a --out /tmp/report --stages hift
@@ -116,6 +118,25 @@ def _cmd_tts(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(f"wrote {args.output}: {seconds:.2f} s of audio in {elapsed:.2f} s (RTF {elapsed / seconds:.3f})")
     return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from cosyjax.batch import BatchInterrupted, run_batch
+
+    try:
+        summary = run_batch(args.manifest, args.out, model_dir=args.model_dir, converted_dir=args.converted_dir,
+                            dtype=args.dtype, llm_file=args.llm_file, backend=args.backend, batch_size=args.batch_size,
+                            spkinfo=args.spkinfo, subtype=args.subtype, devices=args.devices, limit=args.limit,
+                            progress=not args.quiet, progress_all_processes=args.progress_all_processes,
+                            coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                            process_id=args.process_id, auto_detect_cluster=args.distributed)
+    except BatchInterrupted as e:
+        print(f"{e.summary.line()}\ninterrupted: rerun the same command to finish the rest", file=sys.stderr)
+        return 130
+    if summary.process == 0 or args.progress_all_processes:
+        if not args.quiet or summary.failed:
+            print(summary.line() + (f"; failures in {args.out}/errors.jsonl" if summary.failed else ""))
+    return 1 if summary.failed else 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -242,6 +263,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
     p.add_argument("-o", "--output", required=True, help="output wav (24 kHz, written atomically)")
     p.set_defaults(func=_cmd_tts)
+
+    p = sub.add_parser("batch", help="synthesise a JSONL manifest into a directory of wavs (resumable, "
+                       "every local device, multi-host)", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", required=True,
+                   help="JSONL, one object per line: id, mode (zero_shot/cross_lingual/instruct2/vc), text, "
+                        "prompt_wav + prompt_text or spk_id, instruct_text, source_wav, seed, speed "
+                        "(paths relative to the manifest's folder); every line is checked before any work")
+    p.add_argument("--out", required=True, help="output directory: <id>.wav, results.jsonl, errors.jsonl, "
+                                                "summary.json; a rerun skips the lines already done")
+    p.add_argument("--model-dir", default="FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
+                   help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
+    p.add_argument("--converted-dir", default=None,
+                   help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
+    p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
+    p.add_argument("--batch-size", type=int, default=8, help="model rows (text segments) per batch per device")
+    p.add_argument("--spkinfo", default=None, help="directory written by CosyVoice3.save_spkinfo: voices for spk_id")
+    p.add_argument("--subtype", default="PCM_16", choices=["PCM_16", "PCM_24", "FLOAT"],
+                   help="wav sample format (PCM_16 as cosyjax tts writes; FLOAT keeps the float32 audio)")
+    p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="run at most N of the pending lines (a trial run)")
+    p.add_argument("--coordinator-address", default=None,
+                   help="multi-host: HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="multi-host: processes (default: $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process (default: $JAX_PROCESS_ID)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host with jax.distributed.initialize()'s cluster detection (Slurm, Open MPI, TPU)")
+    p.add_argument("--progress-all-processes", action="store_true", help="a progress bar on every process, not only 0")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line (unless lines failed)")
+    p.set_defaults(func=_cmd_batch)
 
     p = sub.add_parser("convert", help="convert a release directory (PyTorch .pt) to a JAX checkpoint",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

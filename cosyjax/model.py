@@ -697,14 +697,15 @@ class CosyVoice3Model:
         return WarmupReport(programs=self.programs.compiles - before, total=len(self.programs),
                             seconds=time.perf_counter() - start)
 
-    def tts_batch(self, requests: Sequence[Mapping[str, Any]], keys: Sequence[Any] | None = None
-                  ) -> list[np.ndarray]:
+    def tts_batch(self, requests: Sequence[Mapping[str, Any]], keys: Sequence[Any] | None = None,
+                  traces: Sequence[Trace] | None = None) -> list[np.ndarray]:
         """Non-stream synthesis of several requests at once (batched LLM, flow and HiFT).
 
         Args:
           requests: dicts of ``tts`` keyword arguments (text_ids, prompt_text_ids, ..., speed,
             forced_tokens, source_speech_tokens); ``stream`` is not accepted.
           keys: one key per request (default: each request's ``key`` entry, else seed 0).
+          traces: one ``Trace`` per request to fill (llm_tokens, flow_tokens), as ``tts(trace=...)``.
         Returns:
           one waveform [1, samples] per request, each equal (up to float32 rounding of the padded
           shapes) to ``next(tts(**request))["tts_speech"]``.
@@ -713,6 +714,8 @@ class CosyVoice3Model:
             raise ValueError("tts_batch: no requests")
         if keys is not None and len(keys) != len(requests):
             raise ValueError(f"tts_batch: {len(keys)} keys for {len(requests)} requests")
+        if traces is not None and len(traces) != len(requests):
+            raise ValueError(f"tts_batch: {len(traces)} traces for {len(requests)} requests")
         reqs = []
         for i, r in enumerate(requests):
             r = dict(r)
@@ -745,6 +748,9 @@ class CosyVoice3Model:
             if not q.uses_llm:
                 raw[i] = q.forced_tokens if q.forced_tokens is not None else q.source_speech
         tokens = [np.asarray(self._filter(q.source_speech is not None)(raw[i]), np.int64) for i, q in enumerate(reqs)]
+        if traces is not None:
+            for i, trace in enumerate(traces):
+                trace._record(raw[i], tokens[i], (), (), None)
         out: list[np.ndarray] = [np.zeros((1, 0), np.float32)] * len(reqs)
         rows = [i for i in range(len(reqs)) if tokens[i].size]
         if not rows:

@@ -276,6 +276,7 @@ class CosyVoice3:
         first use; no onnxruntime is imported).
       frontend_dir: an existing converted frontend (``convert_frontend_to_dir``) for ``frontend="jax"``.
       onnx_providers: onnxruntime providers for the prompt feature models (``frontend="onnx"``).
+      progress: progress bars (first-use conversion, texts of several segments).
       model_options: passed to ``CosyVoice3Model`` (sampler, upstream quirk switches, ...).
     """
 
@@ -292,7 +293,8 @@ class CosyVoice3:
         self.model_dir = model_dir
         self.config = load_model_config(model_dir)
         self.sample_rate = self.config.sample_rate
-        self.device = jax.devices(backend)[0] if backend else jax.devices()[0]
+        # local: in a multi-process run jax.devices()[0] belongs to process 0
+        self.device = jax.local_devices(backend=backend)[0]
         self.tokenizer = CosyVoice3Tokenizer(os.path.join(model_dir, QWEN_DIR))
         self.tokenizer.check_release(self.config.llm.vocab_size)
         self.normalizer = TextNormalizer(self.tokenizer.encode)
@@ -317,6 +319,7 @@ class CosyVoice3:
             self.model = CosyVoice3Model(converted, PrecisionPolicy.resolve(dtype, self.device.platform),
                                          **model_options)
         self.spk2info: dict[str, Any] = {}
+        self.progress = progress
 
     @classmethod
     def from_pretrained(cls, model_dir_or_hub_id: str = DEFAULT_HUB_ID, *, dtype: str = "auto",
@@ -373,7 +376,7 @@ class CosyVoice3:
         from tqdm.auto import tqdm
 
         key = jax.random.key(seed)
-        for i, segment in enumerate(tqdm(segments, desc="segments", disable=len(segments) < 2)):
+        for i, segment in enumerate(tqdm(segments, desc="segments", disable=not self.progress or len(segments) < 2)):
             with jax.default_device(self.device):
                 yield from self.model.tts(**make_inputs(segment), stream=stream, speed=speed,
                                           key=jax.random.fold_in(key, i))

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from cosyjax.model import Trace
+
 from cosyjax.pipeline import CosyVoice3
 
 from conftest import TINY_RELEASE as RELEASE, voice_wav_bytes
@@ -111,8 +113,19 @@ def test_upstream_example_full_decode(cosyvoice, asset_prompt):
     """The pinyin hotfix and the Cantonese instruct2 calls through the real LLM decode (about 20 s)."""
     calls = example_calls(cosyvoice, asset_prompt)
     for call in (calls[2], calls[4]):
-        audio = np.concatenate([j["tts_speech"] for j in call()], axis=1)
-        tokens = cosyvoice.model.last_trace["flow_tokens"]
+        seen = []
+        original = cosyvoice.model.tts
+
+        def traced(**kwargs):  # keep each segment's trace (the model holds none)
+            seen.append(Trace())
+            return original(**kwargs, trace=seen[-1])
+
+        cosyvoice.model.tts = traced
+        try:
+            audio = np.concatenate([j["tts_speech"] for j in call()], axis=1)
+        finally:
+            del cosyvoice.model.tts
+        tokens = np.concatenate([t.flow_tokens for t in seen])
         assert tokens.size > 0
         assert audio.shape == (1, tokens.size * cosyvoice.sample_rate // cosyvoice.config.token_frame_rate)
         assert np.isfinite(audio).all() and np.abs(audio).max() <= 0.99 + 1e-6

@@ -81,6 +81,21 @@ def test_dry_run_estimates_the_full_run_under_15_minutes():
     assert 300 < seconds < 15 * 60, line
 
 
+@pytest.mark.slow
+def test_quick_batch_stage(tmp_path):
+    """The extra ``batch`` stage (cosyjax batch on the tiny release): a row per batch size, lines identical."""
+    out_json = tmp_path / "bench.json"
+    proc = _run("--quick", "--stages", "batch", "--json", str(out_json), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["Batch synthesis, bs 1", "Batch synthesis, bs 2"]
+    for row in rows:
+        assert math.isfinite(row["cosyjax"]) and row["cosyjax"] > 0, row
+        assert row["extra"]["lines"] == 8 and row["extra"]["failed"] == 0, row
+        assert row["cosyjax_timed_compiles"] == 0, row
+        assert row["agreement"].startswith("tokens and seconds of every line equal"), row
+
+
 def test_bad_arguments_are_refused():
     proc = _run("--stages", "llm,vocoder", "--dry-run", timeout=120)
     assert proc.returncode == 2 and "vocoder" in proc.stderr
