@@ -29,11 +29,10 @@ import time
 
 import numpy as np
 import pytest
-
-from cosyjax.model import Trace
 import soundfile
 
 from cosyjax.batch import ManifestError, read_manifest, run_batch, single_request
+from cosyjax.model import Trace
 
 from conftest import TINY_PROMPT_TEXT as PROMPT_TEXT, TINY_RELEASE as RELEASE, voice_wav_bytes
 
