@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from cosyjax.model import Trace
-
 from cosyjax.pipeline import CosyVoice3
 
 from conftest import TINY_RELEASE as RELEASE, voice_wav_bytes
