@@ -87,221 +87,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosyjax.checkpoint import ConvertedModel, cast_params
-from cosyjax.config import ModelConfig
 from cosyjax.flow.flow import flow_inference
 from cosyjax.flow.prompt import FlowPrompt
-from cosyjax.flow.stream import FlowStreamState, flow_stream_init, flow_stream_push
+from cosyjax.flow.stream import FlowStreamState, flow_stream_push
 from cosyjax.hift.generator import hift_inference, hift_stream_step
 from cosyjax.hift.source import HiftNoise
-from cosyjax.hift.stream import hift_stream_init, hift_stream_push
+from cosyjax.hift.stream import hift_stream_push
+from cosyjax.limits import Limits
 from cosyjax.llm import lm
 from cosyjax.llm.sampling import SamplerSettings
-from cosyjax.limits import Limits
 from cosyjax.precision import PrecisionPolicy
 from cosyjax.programs import ProgramCache
-
-# CosyVoice3Model.silent_tokens: FSQ codes of silence and breath.
-SILENT_TOKENS = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)
-MAX_SILENT_RUN = 5  # CosyVoiceModel.llm_job: max_silent_token_num
-# CosyVoice2Model.__init__: token_max_hop_len = 4 * token_hop_len, stream_scale_factor = 2.
-MAX_HOP_FACTOR = 4
-STREAM_SCALE_FACTOR = 2
-
-
-# --------------------------------------------------------------------------------------------
-# Small pieces
-# --------------------------------------------------------------------------------------------
-class SilentTokenFilter:
-    """Upstream ``llm_job``'s filter: silent tokens past a run of ``max_run`` do not reach the flow."""
-
-    def __init__(self, silent_tokens: Sequence[int] = SILENT_TOKENS, max_run: int = MAX_SILENT_RUN,
-                 enabled: bool = True):
-        self.silent = frozenset(int(t) for t in silent_tokens)
-        self.max_run = max_run
-        self.enabled = enabled
-        self.run = 0
-
-    def __call__(self, tokens: Sequence[int]) -> list[int]:
-        """Feed tokens in LLM order; returns those passed to the flow."""
-        kept = []
-        for t in tokens:
-            t = int(t)
-            if self.enabled and t in self.silent:
-                self.run += 1
-                if self.run > self.max_run:
-                    continue
-            else:
-                self.run = 0
-            kept.append(t)
-        return kept
-
-
-def interpolate_linear(mel: np.ndarray, size: int) -> np.ndarray:
-    """``F.interpolate(mel, size=size, mode='linear', align_corners=False)`` along time.
-
-    Args:
-      mel: [B, T, C] float32 (time-major).  size: output frames (>= 1).
-    Returns:
-      [B, size, C] float32.  Like torch's CPU kernel, the scale T/size and the source positions are
-      float32 (negative ones clamp to 0).
-    """
-    t_in = mel.shape[1]
-    scale = np.float32(t_in) / np.float32(size)
-    # torch's CPU kernel is compiled with fused multiply-adds: src = fma(scale, i + 0.5, -0.5) and
-    # out = fma(l0, x0, l1 * x1).  float32 products are exact in float64, so evaluating those in
-    # float64 and rounding once reproduces torch's bits (checked in tests/test_model.py).
-    half = np.arange(size, dtype=np.float32) + np.float32(0.5)
-    src = (half.astype(np.float64) * np.float64(scale) - 0.5).astype(np.float32)
-    src = np.maximum(src, np.float32(0.0))
-    i0 = np.minimum(src.astype(np.int64), t_in - 1)
-    i1 = np.minimum(i0 + 1, t_in - 1)
-    lam1 = (src - i0.astype(np.float32)).astype(np.float32)
-    lam0 = (np.float32(1.0) - lam1).astype(np.float32)
-    mel = np.asarray(mel, np.float32)
-    second = (lam1[None, :, None] * mel[:, i1]).astype(np.float32)
-    out = lam0[None, :, None].astype(np.float64) * mel[:, i0] + second
-    return out.astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class HopSchedule:
-    """Stream hop sizes in tokens, from the config (release: base 25, max 100, x2 per hop).
-
-    Attributes:
-      base: first hop = static_chunk_size // token_mel_ratio (one DiT attention chunk).
-      max_hop: base * MAX_HOP_FACTOR.
-      scale: hop growth factor per processed hop.
-      lookahead: flow pre_lookahead_len tokens held back as right context.
-      token_mel_ratio: mel frames per token.
-    """
-
-    base: int
-    max_hop: int
-    scale: int
-    lookahead: int
-    token_mel_ratio: int
-
-    @classmethod
-    def from_config(cls, config: ModelConfig, max_hop_factor: int = MAX_HOP_FACTOR,
-                    scale: int = STREAM_SCALE_FACTOR) -> "HopSchedule":
-        flow = config.flow
-        if flow.static_chunk_size % flow.token_mel_ratio:
-            raise ValueError(f"static_chunk_size={flow.static_chunk_size} is not a multiple of "
-                             f"token_mel_ratio={flow.token_mel_ratio}: stream hops cannot align to DiT chunks")
-        base = flow.static_chunk_size // flow.token_mel_ratio
-        if base < 1 or max_hop_factor < 1 or scale < 1:
-            raise ValueError(f"hop schedule: base={base}, max_hop_factor={max_hop_factor}, scale={scale} must be >= 1")
-        return cls(base, base * max_hop_factor, scale, flow.pre_lookahead_len, flow.token_mel_ratio)
-
-    def pad(self, hop: int, num_prompt_tokens: int) -> int:
-        """Tokens added to the first hop so prompt + first hop is a multiple of ``hop``."""
-        return int(math.ceil(num_prompt_tokens / hop) * hop - num_prompt_tokens)
-
-    def next_hop(self, hop: int) -> int:
-        return min(self.max_hop, hop * self.scale)
-
-
-@dataclasses.dataclass
-class HopState:
-    """Upstream's stream hop that outlives a request (``CosyVoice2Model.token_hop_len``).
-
-    Requests given the same ``HopState`` continue each other's hop schedule, exactly as upstream's
-    never-reset instance attribute does; share one only on purpose (parity with upstream).
-    """
-
-    hop: int
-
-
-@dataclasses.dataclass
-class Trace:
-    """What one ``tts`` call did; pass one in to have it filled (tests, parity, metrics).
-
-    Attributes:
-      llm_tokens: [N] tokens the LLM emitted (or the forced / source tokens).
-      flow_tokens: [N'] tokens given to the flow (after the silent-token filter).
-      hops: stream hop sizes in tokens (empty for non-stream).
-      flow_calls: [K, 3] (target tokens, streaming, finalize) per flow call.
-      mel: with ``record_mel``, the whole mel [1, T, C] the vocoder received (after ``speed``).
-    """
-
-    record_mel: bool = False
-    llm_tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-    flow_tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-    hops: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-    flow_calls: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int64))
-    mel: np.ndarray | None = None
-
-    def _record(self, raw: Sequence[int], tokens: Sequence[int], hops: Sequence[int],
-                calls: Sequence[tuple[int, int, int]], mel: np.ndarray | None) -> None:
-        self.llm_tokens = np.asarray(raw, np.int64)
-        self.flow_tokens = np.asarray(tokens, np.int64)
-        self.hops = np.asarray(hops, np.int64)
-        self.flow_calls = np.asarray(calls, np.int64).reshape(-1, 3)
-        if self.record_mel:
-            self.mel = mel
-
-
-@dataclasses.dataclass
-class Request:
-    """One validated request (host arrays).  See ``CosyVoice3Model.tts`` for the fields."""
-
-    text: tuple[int, ...]
-    prompt_text: tuple[int, ...]
-    llm_prompt_speech: tuple[int, ...]
-    prompt: FlowPrompt  # the flow prompt, checked (batch of 1)
-    forced_tokens: np.ndarray | None  # [N] int (LLM output stand-in)
-    source_speech: np.ndarray | None  # [N] int (voice conversion)
-    speed: float
-    key: Any
-    max_tokens: int  # LLM output cap: what the flow's noise buffer leaves after the prompt
-
-    @property
-    def flow_prompt_speech(self) -> np.ndarray:  # [P] int
-        return self.prompt.tokens[0]
-
-    @property
-    def prompt_feat(self) -> np.ndarray:  # [F1, C] float32
-        return self.prompt.feat[0]
-
-    @property
-    def embedding(self) -> np.ndarray:  # [E] float32
-        return self.prompt.embedding[0]
-
-    @property
-    def lm_request(self) -> lm.LMRequest:
-        return lm.LMRequest(self.text, self.prompt_text, self.llm_prompt_speech, self.max_tokens)
-
-    @property
-    def uses_llm(self) -> bool:
-        return self.forced_tokens is None and self.source_speech is None
-
-
-def _ids(name: str, value: Any) -> np.ndarray:
-    arr = np.asarray(value if value is not None else (), dtype=None)
-    if arr.ndim == 2 and arr.shape[0] == 1:  # upstream passes (1, L)
-        arr = arr[0]
-    if arr.ndim != 1:
-        raise ValueError(f"{name}: expected 1-D token ids (or (1, L)), found shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name}: expected integer token ids, found dtype {arr.dtype}")
-    return arr.astype(np.int64)
-
-
-def _as_key(key: Any) -> jax.Array:
-    """A typed PRNG key from a typed key, a raw uint32[2] key or an int seed."""
-    if key is None:
-        return jax.random.key(0)
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return jax.random.key(int(key))
-    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"key: expected one PRNG key, found shape {key.shape}")
-        return key
-    arr = np.asarray(key)
-    if arr.shape == (2,) and arr.dtype == np.uint32:
-        return jax.random.wrap_key_data(jnp.asarray(arr))
-    raise ValueError(f"key: expected an int seed, jax.random.key(...) or a uint32[2] PRNGKey, found {key!r}")
-
+from cosyjax.request import (MAX_HOP_FACTOR, MAX_SILENT_RUN, SILENT_TOKENS, STREAM_SCALE_FACTOR, HopSchedule,
+                             HopState, Request, RequestRun, SilentTokenFilter, Trace, _as_key, _ids,
+                             interpolate_linear)
 
 # --------------------------------------------------------------------------------------------
 # The model
@@ -509,9 +308,6 @@ class CosyVoice3Model:
         audio = np.asarray(audio)
         return audio, emitted + audio.shape[1], state
 
-    def _empty(self) -> dict[str, np.ndarray]:
-        return {"tts_speech": np.zeros((1, 0), np.float32)}
-
     # ---------------------------------------------------------------- public API
     def tts(self, text_ids: Any = (), *, prompt_text_ids: Any = (), llm_prompt_speech_tokens: Any = (),
             flow_prompt_speech_tokens: Any = (), prompt_feat: Any = None, embedding: Any = None,
@@ -549,84 +345,28 @@ class CosyVoice3Model:
         if hop_state is not None and not isinstance(hop_state, HopState):
             raise ValueError(f"hop_state: expected a HopState, found {type(hop_state).__name__}")
         trace = trace if trace is not None else Trace()
-        if stream:
-            # A shared hop state also brings upstream's stale break test (see the module docstring).
-            shared = hop_state is not None or self.upstream_hop_quirk
-            if hop_state is None:
-                hop_state = self.hop_state if self.upstream_hop_quirk else HopState(self.schedule.base)
-            return self._tts_stream(req, trace, hop_state, shared)
-        return self._tts_offline(req, trace)
+        return self._run(self.start_run(req, trace, stream=stream, hop_state=hop_state))
 
-    def _tts_offline(self, req: Request, trace: Trace) -> Iterator[dict[str, np.ndarray]]:
-        calls: list[tuple[int, int, int]] = []
-        filt = self._filter(req.source_speech is not None)
-        raw: list[int] = []
-        tokens: list[int] = []
-        for new, _ in self._token_source(req, self.schedule.base):
-            raw.extend(int(t) for t in new)
-            tokens.extend(filt(new))
-        if not tokens:
-            trace._record(raw, tokens, (), calls, None)
-            yield self._empty()
-            return
-        mel = self._flow(tokens, req, calls, streaming=False, finalize=True)
-        if req.speed != 1.0:
-            mel = interpolate_linear(mel, int(mel.shape[1] / req.speed))
-        trace._record(raw, tokens, (), calls, mel)
-        yield {"tts_speech": self._hift(mel, finalize=True)}
+    def start_run(self, req: Request, trace: Trace | None = None, *, stream: bool = False,
+                  hop_state: HopState | None = None) -> RequestRun:
+        """A ``RequestRun`` for a validated request (``validate``), fed by the caller's LLM tokens."""
+        trace = trace if trace is not None else Trace()
+        if not stream:
+            return RequestRun(self, req, trace, stream=False)
+        # A shared hop state also brings upstream's stale break test (see the module docstring).
+        shared = hop_state is not None or self.upstream_hop_quirk
+        if hop_state is None:
+            hop_state = self.hop_state if self.upstream_hop_quirk else HopState(self.schedule.base)
+        return RequestRun(self, req, trace, stream=True, hop_state=hop_state, shared=shared)
 
-    def _tts_stream(self, req: Request, trace: Trace, hop_state: HopState, shared: bool
-                    ) -> Iterator[dict[str, np.ndarray]]:
-        calls: list[tuple[int, int, int]] = []
-        sched = self.schedule
-        filt = self._filter(req.source_speech is not None)
-        source = self._token_source(req, sched.base)
-        raw: list[int] = []
-        tokens: list[int] = []
-        llm_done = False
-        hop = hop_state.hop
-        num_prompt = int(req.flow_prompt_speech.size)
-        pad = sched.pad(hop, num_prompt)
-        offset = 0
-        mel_all = np.zeros((1, 0, self.config.flow.output_size), np.float32)
-        flow_state = (flow_stream_init(self.config.flow, prompt=req.prompt, cache_dtype=self.policy.flow.dtype)
-                      if self.flow_carry else None)
-        emitted = 0
-        vocoder = hift_stream_init(self.config.hift, 1, noise=self.hift_noise) if self.hift_carry else None
-        hops: list[int] = []
-        while True:
-            this_hop = hop + (pad if offset == 0 else 0)
-            need = offset + this_hop + sched.lookahead
-            while not llm_done and len(tokens) < need:
-                new, llm_done = next(source, (np.zeros(0, np.int64), True))
-                raw.extend(int(t) for t in new)
-                tokens.extend(filt(new))
-            if len(tokens) >= need:
-                mel = self._flow_hop(tokens[:need], req, calls, flow_state, sched.token_mel_ratio * offset,
-                                     finalize=False)
-                mel_all = np.concatenate([mel_all, mel], axis=1)
-                audio, emitted, vocoder = self._hift_stream(mel_all, mel, emitted, vocoder, finalize=False)
-                offset += this_hop
-                hops.append(this_hop)
-                hop = sched.next_hop(hop)
-                hop_state.hop = hop
-                yield {"tts_speech": np.asarray(audio)}
-            # Upstream tests the stale hop (the one just processed); the fresh schedule tests the next.
-            check = this_hop if shared else hop + (pad if offset == 0 else 0)
-            if llm_done and len(tokens) - offset < check + sched.lookahead:
-                break
-        if not tokens:
-            trace._record(raw, tokens, hops, calls, None)
-            yield self._empty()
-            return
-        if self.final_full_attention:
-            mel = self._flow(tokens, req, calls, streaming=False, finalize=True)[:, sched.token_mel_ratio * offset:]
-        else:
-            mel = self._flow_hop(tokens, req, calls, flow_state, sched.token_mel_ratio * offset, finalize=True)
-        mel_all = np.concatenate([mel_all, mel], axis=1)
-        trace._record(raw, tokens, hops, calls, mel_all)
-        audio, emitted, vocoder = self._hift_stream(mel_all, mel, emitted, vocoder, finalize=True)
-        yield {"tts_speech": np.asarray(audio)}
+    def _run(self, run: RequestRun) -> Iterator[dict[str, np.ndarray]]:
+        """Drive one request's run from its own LLM decode (one decode chunk per step)."""
+        for new, done in self._token_source(run.req, self.schedule.base):
+            yield from run.feed(new, done)
+            if run.finished:
+                return
+        if not run.finished:  # the source ended without flagging done
+            yield from run.feed((), True)
 
     # ---------------------------------------------------------------- compile ahead
     def program_specs(self, *, offline: bool = True, stream: bool = True, batch_sizes: Sequence[int] = (1,)
