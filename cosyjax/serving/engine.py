@@ -1,0 +1,428 @@
+"""The serving engine: many requests share one device, their LLM decodes batched in fixed slots.
+
+Design (the serving design note in the README summarises it):
+
+- **One scheduler thread owns the device.**  Callers ``submit`` requests (validated at once, on
+  the caller's thread: bad input is a ``ValueError`` before anything is queued) and read their
+  audio from a ``Handle``; the thread does all device work.
+- **LLM: continuous batching in slots** (the shape of JetStream's engine API: prefill -> insert
+  into a decode slot -> generate over all slots).  The KV cache is one static
+  [slots, S, K, H] array per layer (S from the model's ``Limits``); each row has its own write
+  slot, step and rotary position (``cosyjax.llm.decode``).  Between decode chunks, waiting
+  requests are prefilled one at a time (batch 1) and inserted into free rows, so a new request
+  stalls the running ones by at most its prefill; a finished, cancelled or expired request frees
+  its row at the next chunk boundary.  Requests are admitted first come, first served; a short
+  request behind a long one runs beside it and finishes first.
+- **After the LLM: each request's ``RequestRun``** (``cosyjax.request``, the same state machine
+  ``CosyVoice3Model.tts`` drives): after every decode chunk the new tokens of each row are fed to
+  its run, which performs the stream hops (flow + vocoder) those tokens allow, or, non-stream, the
+  final flow + vocoder once the LLM is done; voice conversion and forced tokens skip the slots.
+- **Same seed, same output.**  A row's sampling keys are its request's (``fold_in(key, step)``
+  with its own step count), its cache and positions are its own and masked rows never mix, so the
+  tokens do not depend on what runs beside them; the flow and vocoder run per request, on the
+  same programs as a solo ``CosyVoice3Model.tts``.
+- **Limits**: the model's ``Limits`` (text, prompt, output seconds) are checked at submit; a
+  request may carry a deadline; the queue is bounded (``QueueFull``, which servers answer with
+  503 + Retry-After).
+
+Each request's chunks are delivered to its ``Handle`` as they are produced (a queue), so a slow
+reader never holds up the device.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cosyjax.llm import decode, lm
+from cosyjax.model import CosyVoice3Model
+from cosyjax.programs import run as run_program
+from cosyjax.request import RequestRun, Trace
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The engine's queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestCancelled(RuntimeError):
+    """The request was cancelled before it finished."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request did not finish before its deadline."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine shut down before the request finished."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Attributes:
+      slots: LLM decode rows (requests decoding at once).
+      max_pending: requests waiting for a slot beyond which ``submit`` raises ``QueueFull``.
+      retry_after: seconds a refused caller is told to wait.
+    """
+
+    slots: int = 8
+    max_pending: int = 64
+    retry_after: float = 1.0
+
+    def __post_init__(self):
+        if self.slots < 1 or self.max_pending < 0:
+            raise ValueError(f"EngineConfig: slots={self.slots} must be >= 1 and max_pending={self.max_pending} >= 0")
+
+
+_END = object()
+
+
+class Handle:
+    """One submitted request: iterate over it for its chunks (``{"tts_speech": [1, n]}``), or ``cancel()``.
+
+    Iteration blocks until the next chunk; an error of the request is raised from the iteration.
+    Attributes after it finishes: ``trace`` (what it did), ``submitted`` / ``first_chunk`` /
+    ``finished`` (``time.monotonic()`` stamps), ``audio_samples``.
+    """
+
+    def __init__(self, ident: int, stream: bool, deadline: float | None):
+        self.id = ident
+        self.stream = stream
+        self.deadline = deadline
+        self.trace = Trace()
+        self.submitted = time.monotonic()
+        self.first_chunk: float | None = None
+        self.finished: float | None = None
+        self.audio_samples = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the request at the next chunk boundary (its slot is freed)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    # the scheduler's side
+    def _put(self, chunk: dict[str, np.ndarray]) -> None:
+        if self.first_chunk is None:
+            self.first_chunk = time.monotonic()
+        self.audio_samples += int(np.shape(chunk["tts_speech"])[-1])
+        self._queue.put(chunk)
+
+    def _end(self, error: BaseException | None = None) -> None:
+        self.finished = time.monotonic()
+        self._queue.put(error if error is not None else _END)
+
+
+@dataclasses.dataclass
+class _Job:
+    handle: Handle
+    run: RequestRun
+    slot: int | None = None
+
+
+@dataclasses.dataclass
+class EngineMetrics:
+    """Counters and recent latencies (the server exports them)."""
+
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    tokens: int = 0
+    audio_seconds: float = 0.0
+    first_chunk_seconds: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=1024))
+    rtf: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=1024))
+
+
+class Engine:
+    """Batches requests for one ``CosyVoice3Model`` (see the module docstring).
+
+    Usage::
+
+        engine = Engine(model).start()
+        handle = engine.submit(text_ids=..., flow_prompt_speech_tokens=..., prompt_feat=..., embedding=...,
+                               stream=True, key=0)
+        for chunk in handle: ...
+        engine.shutdown()
+
+    ``engine.tts(**kwargs)`` is a drop-in for ``model.tts`` that runs through the engine.
+    """
+
+    def __init__(self, model: CosyVoice3Model, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.metrics = EngineMetrics()
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._jobs: list[_Job] = []  # admitted: decoding in a slot, or running without the LLM
+        self._free = list(range(self.config.slots))
+        self._state: decode.DecodeState | None = None
+        self._lock = threading.Condition()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = True
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="cosyjax-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, drain_seconds: float = 30.0) -> None:
+        """Refuse new requests, let the running and queued ones finish for up to ``drain_seconds``,
+        then stop: whatever is left ends with ``EngineStopped``."""
+        with self._lock:
+            self._accepting = False
+            self._lock.notify_all()
+        end = time.monotonic() + max(0.0, drain_seconds)
+        while time.monotonic() < end:
+            with self._lock:
+                if not self._pending and not self._jobs:
+                    break
+            time.sleep(0.02)
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
+        for job in list(self._pending) + list(self._jobs):
+            job.handle._end(EngineStopped("the engine shut down before this request finished"))
+        self._pending.clear()
+        self._jobs.clear()
+
+    def warmup(self, **kwargs: Any):
+        """``model.warmup`` plus the engine's own programs (the decode over all slots, row insert/release)."""
+        report = self.model.warmup(**kwargs)
+        model = self.model
+
+        def llm_programs(batch):  # [prefill of the shortest bucket, decode chunk] at this batch
+            return lm.programs(model.config.llm, model.params["llm"], max_prefill=1, cache_len=model.cache_len,
+                               settings=model.sampler, chunk_size=model.schedule.base, batch=batch,
+                               precision=model.policy.llm)
+
+        slots, single = llm_programs(self.config.slots), llm_programs(1)
+        state, row = slots[-1][1][1], single[-1][1][1]  # decode_chunk's state argument at each batch
+        slot = jax.ShapeDtypeStruct((), jnp.int32)
+        for fn, args, static in slots + [(decode.insert_row, (state, row, slot), {}),
+                                         (decode.release_row, (state, slot), {})]:
+            model.programs.compile(fn, *args, **static)
+        return dataclasses.replace(report, total=len(model.programs))
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, *, stream: bool = False, deadline_seconds: float | None = None, trace: Trace | None = None,
+               **request: Any) -> Handle:
+        """Queue one request (``CosyVoice3Model.tts``'s keyword arguments); returns its ``Handle``.
+
+        Raises (on the caller's thread, before queueing): ``ValueError`` for a bad or out-of-limits
+        request (``CosyVoice3Model``'s messages), ``QueueFull`` when ``max_pending`` requests wait,
+        ``EngineStopped`` after ``shutdown``.
+        """
+        model = self.model
+        req = model._request(request.pop("text_ids", ()), request.pop("prompt_text_ids", ()),
+                             request.pop("llm_prompt_speech_tokens", ()), request.pop("flow_prompt_speech_tokens", ()),
+                             request.pop("prompt_feat", None), request.pop("embedding", None),
+                             request.pop("source_speech_tokens", None), request.pop("forced_tokens", None),
+                             request.pop("speed", 1.0), request.pop("key", None), stream)
+        if request:
+            raise ValueError(f"unknown argument(s) {sorted(request)}")
+        if deadline_seconds is not None and not deadline_seconds > 0:
+            raise ValueError(f"deadline_seconds={deadline_seconds!r}: expected a positive number of seconds")
+        handle = Handle(next(self._ids), stream,
+                        None if deadline_seconds is None else time.monotonic() + float(deadline_seconds))
+        if trace is not None:
+            handle.trace = trace
+        job = _Job(handle, model.start_run(req, handle.trace, stream=stream))
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped("the engine is shutting down")
+            if len(self._pending) >= self.config.max_pending:
+                self.metrics.rejected += 1
+                raise QueueFull(f"{len(self._pending)} requests are waiting (max_pending="
+                                f"{self.config.max_pending})", self.config.retry_after)
+            self._pending.append(job)
+            self.metrics.submitted += 1
+            self._lock.notify_all()
+        if self._thread is None:
+            self.start()
+        return handle
+
+    def tts(self, *, stream: bool = False, **request: Any) -> Iterator[dict[str, np.ndarray]]:
+        """``CosyVoice3Model.tts`` through the engine: the same chunks for the same request."""
+        trace = request.pop("trace", None)
+        if request.pop("hop_state", None) is not None:
+            raise ValueError("hop_state: the engine gives every request the fresh stream schedule")
+        handle = self.submit(stream=stream, trace=trace, **request)
+        try:
+            yield from handle
+        finally:
+            if handle.finished is None:
+                handle.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth, busy slots and the counters (a snapshot)."""
+        with self._lock:
+            m = self.metrics
+            return {"pending": len(self._pending), "active": len(self._jobs),
+                    "slots": self.config.slots, "slots_busy": self.config.slots - len(self._free),
+                    "submitted": m.submitted, "completed": m.completed, "failed": m.failed,
+                    "cancelled": m.cancelled, "rejected": m.rejected, "tokens": m.tokens,
+                    "audio_seconds": m.audio_seconds}
+
+    # ------------------------------------------------------------------ the scheduler
+    def _free_rows(self, batch: int) -> decode.DecodeState:
+        """A decode state of ``batch`` rows that are all done (free slots), at the model's cache length:
+        the prefill of one-token dummy prompts with max_len 0."""
+        model = self.model
+        ids = np.zeros((batch, lm.bucket(1)), np.int32)
+        rows = np.zeros((batch,), np.int32)
+        return run_program(model.programs, decode.prefill, model.params["llm"], ids, ids.astype(bool), rows + 1,
+                           rows, rows, jax.random.split(jax.random.key(0), batch), cfg=model.config.llm,
+                           cache_len=model.cache_len, window=model.sampler.win_size, precision=model.policy.llm)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._pending and not self._jobs:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self._admit()
+                self._step()
+            except Exception as e:  # a bug in the engine itself: fail what runs, keep serving
+                log.exception("engine step failed")
+                for job in list(self._jobs):
+                    self._finish(job, e)
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                job = self._pending[0]
+                if job.run.req.uses_llm and not self._free:
+                    return
+                self._pending.popleft()
+            if self._expired(job):
+                continue
+            try:
+                if job.run.req.uses_llm:
+                    self._insert(job)
+                else:  # voice conversion / forced tokens: no LLM, no slot
+                    req = job.run.req
+                    given = req.source_speech if req.source_speech is not None else req.forced_tokens
+                    self._jobs.append(job)
+                    self._deliver(job, job.run.feed(given, True))
+            except Exception as e:
+                self._finish(job, e)
+
+    def _insert(self, job: _Job) -> None:
+        model = self.model
+        if self._state is None:
+            self._state = self._free_rows(self.config.slots)
+        row = lm.start(model.params["llm"], model.config.llm, [job.run.req.lm_request], job.run.req.key[None],
+                       model.sampler, precision=model.policy.llm, programs=model.programs, cache_len=model.cache_len)
+        with self._lock:
+            slot = self._free.pop(0)
+        job.slot = slot
+        self._state = run_program(model.programs, decode.insert_row, self._state, row, np.int32(slot))
+        self._jobs.append(job)
+
+    def _step(self) -> None:
+        for job in list(self._jobs):  # cancelled and expired requests free their slot first
+            if job.handle.cancelled:
+                self._finish(job, RequestCancelled("cancelled"))
+            else:
+                self._expired(job)
+        decoding = [j for j in self._jobs if j.slot is not None]
+        if not decoding:
+            return
+        model = self.model
+        self._state, chunk = run_program(model.programs, decode.decode_chunk, model.params["llm"], self._state,
+                                         cfg=model.config.llm, settings=model.sampler, num_steps=model.schedule.base,
+                                         record_logits=False, precision=model.policy.llm, fixed_trip=None)
+        tokens, counts = np.asarray(chunk.tokens), np.asarray(chunk.count)
+        done = np.asarray(self._state.done)
+        for job in decoding:
+            new = tokens[job.slot, :counts[job.slot]]
+            self.metrics.tokens += int(new.size)
+            finished = bool(done[job.slot])
+            try:
+                self._deliver(job, job.run.feed(new, finished))
+            except Exception as e:
+                self._finish(job, e)
+                continue
+
+
+    def _deliver(self, job: _Job, chunks: list[dict[str, np.ndarray]]) -> None:
+        for chunk in chunks:
+            job.handle._put(chunk)
+        if job.run.finished:
+            self._finish(job, None)
+
+    def _expired(self, job: _Job) -> bool:
+        deadline = job.handle.deadline
+        if deadline is not None and time.monotonic() > deadline:
+            self._finish(job, DeadlineExceeded(f"request {job.handle.id} missed its deadline"))
+            return True
+        return False
+
+    def _finish(self, job: _Job, error: BaseException | None) -> None:
+        if job.slot is not None:
+            if not np.asarray(self._state.done)[job.slot]:
+                self._state = run_program(self.model.programs, decode.release_row, self._state, np.int32(job.slot))
+            with self._lock:
+                self._free.append(job.slot)
+                self._free.sort()
+            job.slot = None
+        if job in self._jobs:
+            self._jobs.remove(job)
+        m = self.metrics
+        if error is None:
+            m.completed += 1
+            seconds = job.handle.audio_samples / self.model.config.sample_rate
+            m.audio_seconds += seconds
+            if job.handle.first_chunk is not None:
+                m.first_chunk_seconds.append(job.handle.first_chunk - job.handle.submitted)
+            if seconds > 0:
+                m.rtf.append((time.monotonic() - job.handle.submitted) / seconds)
+        elif isinstance(error, RequestCancelled):
+            m.cancelled += 1
+        else:
+            m.failed += 1
+        job.handle._end(error)
+
+
+__all__ = ["DeadlineExceeded", "Engine", "EngineConfig", "EngineMetrics", "EngineStopped", "Handle", "QueueFull",
+           "RequestCancelled"]
