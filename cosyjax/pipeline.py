@@ -319,6 +319,7 @@ class CosyVoice3:
             self.model = CosyVoice3Model(converted, PrecisionPolicy.resolve(dtype, self.device.platform),
                                          **model_options)
         self.spk2info: dict[str, Any] = {}
+        self.engine = None  # a cosyjax.serving.Engine once use_engine() starts one
         self.progress = progress
 
     @classmethod
@@ -378,8 +379,22 @@ class CosyVoice3:
         key = jax.random.key(seed)
         for i, segment in enumerate(tqdm(segments, desc="segments", disable=not self.progress or len(segments) < 2)):
             with jax.default_device(self.device):
-                yield from self.model.tts(**make_inputs(segment), stream=stream, speed=speed,
-                                          key=jax.random.fold_in(key, i))
+                yield from self._synthesize(**make_inputs(segment), stream=stream, speed=speed,
+                                            key=jax.random.fold_in(key, i))
+
+    def _synthesize(self, **request: Any) -> Iterator[dict[str, np.ndarray]]:
+        """One segment: through the serving engine when ``use_engine`` started one, else the model."""
+        return (self.engine or self.model).tts(**request)
+
+    def use_engine(self, config: Any = None) -> Any:
+        """Run every request from now on through a batching ``cosyjax.serving.Engine`` on this
+        pipeline's model and device (concurrent callers share the device; see the engine's docs).
+        Returns the started engine; ``engine.shutdown()`` stops it."""
+        from cosyjax.serving import Engine
+
+        if self.engine is None:
+            self.engine = Engine(self.model, config, device=self.device).start()
+        return self.engine
 
     def _flow_prompt(self, prompt) -> dict[str, Any]:
         return {"flow_prompt_speech_tokens": prompt.speech_tokens, "prompt_feat": prompt.prompt_mel,
@@ -459,8 +474,8 @@ class CosyVoice3:
         prompt = self._prompt(prompt_wav, align=False)
         source = self.speech_tokenizer(load_audio(source_wav, 16000))
         with jax.default_device(self.device):
-            yield from self.model.tts(source_speech_tokens=source, stream=stream, speed=speed,
-                                      **self._flow_prompt(prompt))
+            yield from self._synthesize(source_speech_tokens=source, stream=stream, speed=speed,
+                                        **self._flow_prompt(prompt))
 
     # ------------------------------------------------------------------ speaker cache
     def list_available_spks(self) -> list[str]:

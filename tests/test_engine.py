@@ -8,6 +8,7 @@ refused with a retry hint; deadlines; bad input refused at submit.
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
@@ -16,6 +17,8 @@ import pytest
 
 from cosyjax.model import CosyVoice3Model, Trace
 from cosyjax.serving import DeadlineExceeded, Engine, EngineConfig, QueueFull, RequestCancelled
+
+from conftest import TINY_PROMPT_TEXT, voice_wav_bytes
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +149,18 @@ def test_engine_tts_is_a_drop_in_for_model_tts(model):
             np.testing.assert_array_equal(a, b)
     finally:
         engine.shutdown()
+
+
+def test_pipeline_through_the_engine_gives_the_same_audio(tts):
+    wav = io.BytesIO(voice_wav_bytes())
+    direct = np.concatenate([c["tts_speech"] for c in tts.inference_zero_shot("Hello there.", TINY_PROMPT_TEXT,
+                                                                               wav, stream=True, seed=4)], axis=1)
+    engine = tts.use_engine(EngineConfig(slots=2))
+    try:
+        wav.seek(0)
+        served = np.concatenate([c["tts_speech"] for c in tts.inference_zero_shot("Hello there.", TINY_PROMPT_TEXT,
+                                                                                   wav, stream=True, seed=4)], axis=1)
+    finally:
+        engine.shutdown()
+        tts.engine = None
+    np.testing.assert_array_equal(served, direct)

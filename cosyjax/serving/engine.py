@@ -175,10 +175,12 @@ class Engine:
         engine.shutdown()
 
     ``engine.tts(**kwargs)`` is a drop-in for ``model.tts`` that runs through the engine.
+    ``device``: the device the model's arrays live on (the scheduler thread runs there).
     """
 
-    def __init__(self, model: CosyVoice3Model, config: EngineConfig | None = None):
+    def __init__(self, model: CosyVoice3Model, config: EngineConfig | None = None, *, device: Any = None):
         self.model = model
+        self.device = device
         self.config = config or EngineConfig()
         self.metrics = EngineMetrics()
         self._pending: collections.deque[_Job] = collections.deque()
@@ -311,6 +313,13 @@ class Engine:
                            cache_len=model.cache_len, window=model.sampler.win_size, precision=model.policy.llm)
 
     def _loop(self) -> None:
+        if self.device is not None:  # the default device is per thread: this one does the device work
+            with jax.default_device(self.device):
+                self._serve()
+        else:
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while not self._stopping and not self._pending and not self._jobs:
