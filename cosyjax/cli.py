@@ -5,6 +5,7 @@ Commands:
   cosyjax batch --manifest M.jsonl --out DIR [--model-dir M] [--batch-size N] [--spkinfo DIR] [...]
   cosyjax convert --model-dir M --out O [--dtype float32|bfloat16] [--llm-file llm.pt|llm.rl.pt] [--overwrite]
   cosyjax export --converted-dir C --out O [--template RELEASE_DIR]   (JAX -> upstream .pt)
+  cosyjax export-programs --model-dir M --out O [--platforms cpu,cuda,tpu]   (jax.export StableHLO programs)
   cosyjax serve --model-dir M [--host 0.0.0.0] [--port 50000] [--dtype ...]   (pip install "cosyjax[server]")
   cosyjax parity check --case DIR --out REPORT_DIR [--stages llm,flow,hift]
   cosyjax parity make-case --reference-repo PATH --config CONFIG.yaml --seed N --out DIR
@@ -86,7 +87,9 @@ def _cmd_tts(args: argparse.Namespace) -> int:
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{out_dir}: output directory does not exist")
     tts = CosyVoice3.from_pretrained(args.model_dir, dtype=args.dtype, backend=args.backend,
-                                     converted_dir=args.converted_dir, llm_file=args.llm_file)
+                                     converted_dir=args.converted_dir, llm_file=args.llm_file, limits=limits(args))
+    if args.warmup:
+        print(tts.model.warmup(stream=args.stream, offline=not args.stream))
     text = args.text
     kw = dict(stream=args.stream, speed=args.speed)
     prompt_kw = dict(seed=args.seed, language=args.language, strict=args.strict_prompt)
@@ -118,6 +121,40 @@ def _cmd_tts(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(f"wrote {args.output}: {seconds:.2f} s of audio in {elapsed:.2f} s (RTF {elapsed / seconds:.3f})")
     return 0
+
+
+def _cmd_export_programs(args: argparse.Namespace) -> int:
+    from cosyjax.export_programs import export_programs
+    from cosyjax.pipeline import CosyVoice3
+
+    platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+    tts = CosyVoice3.from_pretrained(args.model_dir, dtype=args.dtype, converted_dir=args.converted_dir,
+                                     llm_file=args.llm_file, limits=limits(args), progress=not args.quiet)
+    manifest = export_programs(tts.model, args.out, platforms=platforms, overwrite=args.overwrite,
+                               progress=not args.quiet)
+    size = sum(p["bytes"] for p in manifest["programs"])
+    print(f"wrote {len(manifest['programs'])} programs ({size / 1e6:.1f} MB, {', '.join(platforms)}) to {args.out}")
+    return 0
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    """The request limits (``cosyjax.limits.Limits``) as options; defaults are ``Limits()``'s."""
+    from cosyjax.limits import Limits
+
+    d = Limits()
+    g = p.add_argument_group("request limits (warm-up compiles every program they allow)")
+    g.add_argument("--max-text-tokens", type=int, default=d.max_text_tokens, help="text tokens per request")
+    g.add_argument("--max-prompt-text-tokens", type=int, default=d.max_prompt_text_tokens)
+    g.add_argument("--max-prompt-seconds", type=float, default=d.max_prompt_seconds)
+    g.add_argument("--max-output-seconds", type=float, default=d.max_output_seconds,
+                   help="generated speech per request (caps the LLM)")
+
+
+def limits(args: argparse.Namespace):
+    from cosyjax.limits import Limits
+
+    return Limits(max_text_tokens=args.max_text_tokens, max_prompt_text_tokens=args.max_prompt_text_tokens,
+                  max_prompt_seconds=args.max_prompt_seconds, max_output_seconds=args.max_output_seconds)
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
@@ -262,7 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
     p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
     p.add_argument("-o", "--output", required=True, help="output wav (24 kHz, written atomically)")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every program the limits allow first (and report how many and how long)")
+    add_limit_args(p)
     p.set_defaults(func=_cmd_tts)
+
+    p = sub.add_parser("export-programs", help="jax.export every stage program (StableHLO) with a manifest",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", required=True, help="release directory or Hugging Face Hub id")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, tpu (default: cpu)")
+    p.add_argument("--converted-dir", default=None, help="output of `cosyjax convert` (default: convert on first use)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the programs' precision policy")
+    p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_limit_args(p)
+    p.set_defaults(func=_cmd_export_programs)
 
     p = sub.add_parser("batch", help="synthesise a JSONL manifest into a directory of wavs (resumable, "
                        "every local device, multi-host)", epilog=EXAMPLES,

@@ -314,3 +314,11 @@ def insert_row(state: DecodeState, row: DecodeState, slot: Array) -> DecodeState
 def release_row(state: DecodeState, slot: Array) -> DecodeState:
     """``state`` with row ``slot`` marked done (a cancelled or finished request frees its slot)."""
     return state.replace(done=state.done.at[slot].set(True))
+
+
+# ``jax.export`` serialises the pytree structure of a program's inputs and outputs: the decode state
+# and chunk carry no static (auxiliary) data, so the empty tuple round-trips as b"".
+for _cls in (DecodeState, ChunkOutput):
+    jax.export.register_pytree_node_serialization(
+        _cls, serialized_name=f"cosyjax.llm.decode.{_cls.__name__}", serialize_auxdata=lambda aux: b"",
+        deserialize_auxdata=lambda data: ())
