@@ -56,8 +56,13 @@ class Limits:
         return 2 + self.max_prompt_text_tokens + self.max_text_tokens + self.prompt_speech_tokens(token_rate)
 
     def cache_len(self, token_rate: int, prefill_bucket) -> int:
-        """KV-cache slots: the longest prefill's bucket plus the longest output, rounded up."""
-        need = prefill_bucket(self.prefill_tokens(token_rate)) + self.output_tokens(token_rate)
+        """KV-cache slots: the longest prefill's bucket plus the longest output, rounded up.  A request of
+        a cached voice holds its prefix bucket (sos + prompt text) and the rest's bucket apart, so that
+        layout is counted too."""
+        total = self.prefill_tokens(token_rate)
+        prefix = 1 + self.max_prompt_text_tokens
+        need = max(prefill_bucket(total), prefill_bucket(prefix) + prefill_bucket(total - prefix))
+        need += self.output_tokens(token_rate)
         return -(-need // CACHE_MULTIPLE) * CACHE_MULTIPLE
 
 

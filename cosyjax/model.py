@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -180,7 +181,8 @@ class CosyVoice3Model:
 
     # ---------------------------------------------------------------- validation
     def _request(self, text_ids, prompt_text_ids, llm_prompt_speech_tokens, flow_prompt_speech_tokens,
-                 prompt_feat, embedding, source_speech_tokens, forced_tokens, speed, key, stream) -> Request:
+                 prompt_feat, embedding, source_speech_tokens, forced_tokens, speed, key, stream,
+                 voice_prefix=None) -> Request:
         cfg = self.config
         c = cfg.flow.output_size
         text = _ids("text_ids", text_ids)
@@ -231,8 +233,13 @@ class CosyVoice3Model:
         if stream and speed != 1.0:
             # upstream: assert token_offset == 0 and finalize is True, 'speed change only support non-stream ...'
             raise ValueError(f"speed={speed} is only supported with stream=False (upstream asserts this)")
+        if voice_prefix is not None and (not isinstance(voice_prefix, lm.VoicePrefix)
+                                         or voice_prefix.prompt_text != tuple(prompt_text.tolist())):
+            raise ValueError("voice_prefix: must be CosyVoice3Model.voice_prefix(prompt_text_ids) of this request's "
+                             "prompt_text_ids")
         return Request(tuple(int(t) for t in text), tuple(int(t) for t in prompt_text),
-                       tuple(int(t) for t in llm_prompt), prompt, forced, source, float(speed), _as_key(key), room)
+                       tuple(int(t) for t in llm_prompt), prompt, forced, source, float(speed), _as_key(key), room,
+                       voice_prefix)
 
     def _check_limits(self, text, prompt_text, llm_prompt, flow_prompt, given, *, uses_llm: bool) -> None:
         """Refuse a request outside ``self.limits`` (before any device work), naming field and numbers."""
@@ -254,23 +261,39 @@ class CosyVoice3Model:
     def _filter(self, vc: bool) -> SilentTokenFilter:
         return SilentTokenFilter(self.silent_tokens, self.max_silent_run, enabled=self.silent_filter and not vc)
 
-    def _token_source(self, req: Request, chunk: int) -> Iterator[tuple[np.ndarray, bool]]:
-        """Yields (new LLM-output tokens, llm done) in decode order; one jitted chunk per item."""
+    def prefill(self, req: Request) -> Any:
+        """The LLM's decode state after the request's prompt (batch 1; from its voice prefix if any)."""
+        return lm.start(self.params["llm"], self.config.llm, [req.lm_request], req.key[None], self.sampler,
+                        precision=self.policy.llm, programs=self.programs, cache_len=self.cache_len,
+                        prefix=req.voice_prefix)
+
+    def voice_prefix(self, prompt_text_ids: Any) -> lm.VoicePrefix:
+        """The reusable KV cache of a voice's prompt text (pass it as ``tts(..., voice_prefix=...)``)."""
+        return lm.voice_prefix(self.params["llm"], self.config.llm, _ids("prompt_text_ids", prompt_text_ids),
+                               precision=self.policy.llm, programs=self.programs)
+
+    def _token_source(self, req: Request, chunk: int, trace: Trace) -> Iterator[tuple[np.ndarray, bool]]:
+        """Yields (new LLM-output tokens, llm done) in decode order; one jitted chunk per item.
+        Records the prefill's and the first decode chunk's time in ``trace.timings``."""
         if req.source_speech is not None:
             yield req.source_speech, True
             return
         if req.forced_tokens is not None:
             yield req.forced_tokens, True
             return
-        keys = req.key[None]
-        state = lm.start(self.params["llm"], self.config.llm, [req.lm_request], keys, self.sampler,
-                         precision=self.policy.llm, programs=self.programs, cache_len=self.cache_len)
-        if bool(np.asarray(state.done)[0]):
+        start = time.perf_counter()
+        state = self.prefill(req)
+        done = bool(np.asarray(state.done)[0])  # waits for the device
+        trace.timings["prefill"] = time.perf_counter() - start
+        if done:
             yield np.zeros(0, np.int64), True
             return
+        start = time.perf_counter()
         for new, state, _ in lm.stream(self.params["llm"], self.config.llm, state, self.sampler, chunk_size=chunk,
                                        precision=self.policy.llm, programs=self.programs):
-            yield np.asarray(new[0], np.int64), bool(np.asarray(state.done)[0])
+            new = np.asarray(new[0], np.int64)
+            trace.timings.setdefault("first_decode_chunk", time.perf_counter() - start)
+            yield new, bool(np.asarray(state.done)[0])
 
     def _flow(self, tokens: Sequence[int], req: Request, calls: list, *, streaming: bool, finalize: bool
               ) -> np.ndarray:
@@ -312,8 +335,8 @@ class CosyVoice3Model:
     def tts(self, text_ids: Any = (), *, prompt_text_ids: Any = (), llm_prompt_speech_tokens: Any = (),
             flow_prompt_speech_tokens: Any = (), prompt_feat: Any = None, embedding: Any = None,
             source_speech_tokens: Any = None, stream: bool = False, speed: float = 1.0, key: Any = None,
-            forced_tokens: Any = None, trace: Trace | None = None, hop_state: HopState | None = None
-            ) -> Iterator[dict[str, np.ndarray]]:
+            forced_tokens: Any = None, trace: Trace | None = None, hop_state: HopState | None = None,
+            voice_prefix: lm.VoicePrefix | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Synthesize one request; returns a generator of ``{"tts_speech": [1, samples] float32}``.
 
         Args:
@@ -334,6 +357,8 @@ class CosyVoice3Model:
           hop_state: stream only: a ``HopState`` shared on purpose with other requests (upstream's
             never-reset hop); default: ``self.hop_state`` with ``upstream_hop_quirk``, else a fresh
             schedule for this request.
+          voice_prefix: the voice's cached prompt-text prefix (``voice_prefix``; its prompt text must
+            be ``prompt_text_ids``): the LLM prefills only the rest of the prompt, same tokens.
 
         Raises:
           ValueError, at call time and before any device work, for empty text (when the LLM runs),
@@ -341,7 +366,8 @@ class CosyVoice3Model:
           a bad key.
         """
         req = self._request(text_ids, prompt_text_ids, llm_prompt_speech_tokens, flow_prompt_speech_tokens,
-                            prompt_feat, embedding, source_speech_tokens, forced_tokens, speed, key, stream)
+                            prompt_feat, embedding, source_speech_tokens, forced_tokens, speed, key, stream,
+                            voice_prefix)
         if hop_state is not None and not isinstance(hop_state, HopState):
             raise ValueError(f"hop_state: expected a HopState, found {type(hop_state).__name__}")
         trace = trace if trace is not None else Trace()
@@ -361,7 +387,7 @@ class CosyVoice3Model:
 
     def _run(self, run: RequestRun) -> Iterator[dict[str, np.ndarray]]:
         """Drive one request's run from its own LLM decode (one decode chunk per step)."""
-        for new, done in self._token_source(run.req, self.schedule.base):
+        for new, done in self._token_source(run.req, self.schedule.base, run.trace):
             yield from run.feed(new, done)
             if run.finished:
                 return
@@ -369,13 +395,13 @@ class CosyVoice3Model:
             yield from run.feed((), True)
 
     # ---------------------------------------------------------------- compile ahead
-    def program_specs(self, *, offline: bool = True, stream: bool = True, batch_sizes: Sequence[int] = (1,)
-                      ) -> list[tuple[Any, tuple, dict]]:
+    def program_specs(self, *, offline: bool = True, stream: bool = True, batch_sizes: Sequence[int] = (1,),
+                      voice_prefix: bool = False) -> list[tuple[Any, tuple, dict]]:
         """Every stage program a request inside ``self.limits`` can run: (function, argument specs,
         static arguments) triples for ``cosyjax.programs.ProgramCache.compile`` (and ``jax.export``).
 
         ``offline``/``stream``: the request kinds to cover; ``batch_sizes``: ``tts_batch`` sizes
-        (1 is what ``tts`` runs).
+        (1 is what ``tts`` runs); ``voice_prefix``: the programs of cached-voice prefixes too.
         """
         from cosyjax.flow import flow as flow_mod
         from cosyjax.flow import stream as stream_mod
@@ -386,7 +412,8 @@ class CosyVoice3Model:
         for batch in sorted(set(int(b) for b in batch_sizes) | {1}):
             out += lm.programs(cfg.llm, self.params["llm"], max_prefill=lim.prefill_tokens(rate),
                                cache_len=self.cache_len, settings=self.sampler, chunk_size=self.schedule.base,
-                               batch=batch, precision=self.policy.llm)
+                               batch=batch, precision=self.policy.llm,
+                               max_prefix=1 + lim.max_prompt_text_tokens if voice_prefix else None)
             if offline or (stream and self.final_full_attention):
                 out += flow_mod.programs(cfg.flow, self.params["flow"], max_tokens=max_tokens, batch=batch,
                                          precision=self.policy.flow)
@@ -407,7 +434,7 @@ class CosyVoice3Model:
         return []  # filled in with the HiFT core's program specs
 
     def warmup(self, *, offline: bool = True, stream: bool = True, batch_sizes: Sequence[int] = (1,),
-               progress: bool = False) -> "WarmupReport":
+               voice_prefix: bool = False, progress: bool = False) -> "WarmupReport":
         """Compile every program ``program_specs`` lists, then run one tiny request of each kind (for
         the few eager helper ops).  Afterwards a request inside ``self.limits`` compiles nothing.
 
@@ -418,7 +445,7 @@ class CosyVoice3Model:
         from tqdm.auto import tqdm
 
         start, before = time.perf_counter(), self.programs.compiles
-        specs = self.program_specs(offline=offline, stream=stream, batch_sizes=batch_sizes)
+        specs = self.program_specs(offline=offline, stream=stream, batch_sizes=batch_sizes, voice_prefix=voice_prefix)
         for fn, args, static in tqdm(specs, desc="compiling", disable=not progress):
             self.programs.compile(fn, *args, **static)
         cfg = self.config

@@ -46,6 +46,7 @@ import numpy as np
 from cosyjax.checkpoint import CONVERTED_SUBDIR, CheckpointError, load_converted
 from cosyjax.config import QWEN_DIR, load_model_config
 from cosyjax.precision import PrecisionPolicy
+from cosyjax.request import Trace
 from cosyjax.frontend.tokenizer import ENDOFPROMPT
 
 DEFAULT_HUB_ID = "FunAudioLLM/Fun-CosyVoice3-0.5B-2512"
@@ -345,14 +346,14 @@ class CosyVoice3:
         self._check_tts_text(text)
         return self.normalizer(text) if text_frontend else [text]
 
-    def _prompt(self, prompt_wav: Any, *, align: bool = True):
+    def _prompt(self, prompt_wav: Any, *, align: bool = True, timings: dict | None = None):
         from cosyjax.frontend import extract_prompt, read_audio
 
         if hasattr(prompt_wav, "read"):  # read below twice: once for the features, once for the duration
             prompt_wav = prompt_wav.read()
         prompt = extract_prompt(prompt_wav, speech_tokenizer=self.speech_tokenizer,
                                 speaker_encoder=self.speaker_encoder, mel_cfg=self.config.mel,
-                                token_mel_ratio=self.config.flow.token_mel_ratio, align=align)
+                                token_mel_ratio=self.config.flow.token_mel_ratio, align=align, timings=timings)
         if isinstance(prompt_wav, tuple):  # (waveform, rate), checked by extract_prompt
             samples, rate = np.asarray(prompt_wav[0]).size, int(prompt_wav[1])
         else:
@@ -364,23 +365,37 @@ class CosyVoice3:
                         "voice well", name, samples / rate, MIN_PROMPT_SECONDS)
         return prompt
 
-    def _speaker(self, prompt_wav: Any, zero_shot_spk_id: str) -> Any:
+    def _speaker(self, prompt_wav: Any, zero_shot_spk_id: str, timings: dict | None = None) -> Any:
         if zero_shot_spk_id:
             if zero_shot_spk_id not in self.spk2info:
                 raise KeyError(f"speaker {zero_shot_spk_id!r} is not cached (add_zero_shot_spk / load_spkinfo)")
             return self.spk2info[zero_shot_spk_id]["prompt"]
         if prompt_wav is None:
             raise ValueError("prompt_wav is required (or a cached zero_shot_spk_id)")
-        return self._prompt(prompt_wav)
+        return self._prompt(prompt_wav, timings=timings)
 
-    def _run(self, segments: list[str], make_inputs, stream: bool, speed: float, seed: int) -> Iterator[dict]:
+    def _voice_prefix(self, zero_shot_spk_id: str, prompt_ids: np.ndarray) -> Any:
+        """The cached voice's LLM prefix for these prompt-text ids, made on first use and kept with the voice."""
+        prefixes = self.spk2info[zero_shot_spk_id].setdefault("prefixes", {})
+        key = tuple(int(i) for i in prompt_ids)
+        if key not in prefixes:
+            with jax.default_device(self.device):
+                prefixes[key] = self.model.voice_prefix(prompt_ids)
+        return prefixes[key]
+
+    def _run(self, segments: list[str], make_inputs, stream: bool, speed: float, seed: int,
+             timings: dict | None = None) -> Iterator[dict]:
         from tqdm.auto import tqdm
 
         key = jax.random.key(seed)
         for i, segment in enumerate(tqdm(segments, desc="segments", disable=not self.progress or len(segments) < 2)):
+            trace = Trace()
             with jax.default_device(self.device):
-                yield from self._synthesize(**make_inputs(segment), stream=stream, speed=speed,
-                                            key=jax.random.fold_in(key, i))
+                for chunk in self._synthesize(**make_inputs(segment), stream=stream, speed=speed,
+                                              key=jax.random.fold_in(key, i), trace=trace):
+                    if timings is not None and i == 0:  # the first chunk's stages, as they complete
+                        timings.update(trace.timings)
+                    yield chunk
 
     def _synthesize(self, **request: Any) -> Iterator[dict[str, np.ndarray]]:
         """One segment: through the serving engine when ``use_engine`` started one, else the model."""
@@ -403,11 +418,13 @@ class CosyVoice3:
     # ------------------------------------------------------------------ modes
     def inference_zero_shot(self, tts_text: str, prompt_text: str, prompt_wav: Any = None, zero_shot_spk_id: str = "",
                             stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
-                            seed: int = 0, *, language: str | None = None,
-                            strict: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                            seed: int = 0, *, language: str | None = None, strict: bool = False,
+                            timings: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Clone the prompt's voice: ``prompt_text`` is its transcript (CosyVoice3 expects
         ``"You are a helpful assistant.<|endofprompt|>transcript"``; without the marker that prompt is
-        built, see :func:`build_prompt` for ``language`` and ``strict``)."""
+        built, see :func:`build_prompt` for ``language`` and ``strict``).  A cached voice
+        (``zero_shot_spk_id``) also reuses the LLM's KV cache of its prompt text (same tokens).
+        ``timings``: a dict to fill with the seconds of the first chunk's stages (frontend and model)."""
         self._check_tts_text(tts_text)
         tts_marker = ENDOFPROMPT in tts_text
         if zero_shot_spk_id:
@@ -421,38 +438,40 @@ class CosyVoice3:
                                   strict=strict, has_marker=tts_marker or self.tokenizer.endofprompt_id in prompt_ids)
             if prefix:
                 prompt_ids = np.concatenate([np.asarray(self.tokenizer.encode(prefix), np.int64), prompt_ids])
+            extra = {"voice_prefix": self._voice_prefix(zero_shot_spk_id, prompt_ids)}
         else:
             if not prompt_text or not prompt_text.strip():
                 raise ValueError("zero-shot needs prompt_text (the transcript of prompt_wav)")
             prompt_text = build_prompt(prompt_text, "prompt_text", language=language, strict=strict,
                                        has_marker=tts_marker or ENDOFPROMPT in prompt_text)
-            prompt = self._speaker(prompt_wav, "")
+            prompt = self._speaker(prompt_wav, "", timings)
             prompt_ids = self.tokenizer.encode(self.normalizer.normalize(prompt_text)[0] if text_frontend
                                                else prompt_text)
+            extra = {}
         segments = self._segments(tts_text, text_frontend)
         return self._run(segments, lambda s: {"text_ids": self.tokenizer.encode(s), "prompt_text_ids": prompt_ids,
                                               "llm_prompt_speech_tokens": prompt.speech_tokens,
-                                              **self._flow_prompt(prompt)}, stream, speed, seed)
+                                              **self._flow_prompt(prompt), **extra}, stream, speed, seed, timings)
 
     def inference_cross_lingual(self, tts_text: str, prompt_wav: Any = None, zero_shot_spk_id: str = "",
                                 stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
-                                seed: int = 0, *, language: str | None = None,
-                                strict: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                                seed: int = 0, *, language: str | None = None, strict: bool = False,
+                                timings: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Speak ``tts_text`` in the prompt's voice, no transcript needed.  CosyVoice3's text carries
         ``<|endofprompt|>`` (then it is passed whole, as upstream); without it the text is normalised
         and split and each segment gets the prompt (see :func:`build_prompt`)."""
         self._check_tts_text(tts_text)
         prefix = build_prompt("", "tts_text", language=language, strict=strict,
                               has_marker=ENDOFPROMPT in tts_text)
-        prompt = self._speaker(prompt_wav, zero_shot_spk_id)
+        prompt = self._speaker(prompt_wav, zero_shot_spk_id, timings)
         segments = self._segments(tts_text, text_frontend)
         return self._run(segments, lambda s: {"text_ids": self.tokenizer.encode(prefix + s),
-                                              **self._flow_prompt(prompt)}, stream, speed, seed)
+                                              **self._flow_prompt(prompt)}, stream, speed, seed, timings)
 
     def inference_instruct2(self, tts_text: str, instruct_text: str, prompt_wav: Any = None,
                             zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
                             text_frontend: bool = True, seed: int = 0, *, language: str | None = None,
-                            strict: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                            strict: bool = False, timings: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Follow a natural-language instruction (e.g. ``"You are a helpful assistant. 请用广东话表达。<|endofprompt|>"``;
         ``"请用广东话表达。"`` alone gets the rest added, see :func:`build_prompt`)."""
         self._check_tts_text(tts_text)
@@ -460,22 +479,26 @@ class CosyVoice3:
             raise ValueError("instruct2 needs instruct_text")
         instruct_text = build_prompt(instruct_text, "instruct_text", kind="instruction", language=language,
                                      strict=strict, has_marker=ENDOFPROMPT in instruct_text or ENDOFPROMPT in tts_text)
-        prompt = self._speaker(prompt_wav, zero_shot_spk_id)
+        prompt = self._speaker(prompt_wav, zero_shot_spk_id, timings)
         instruct_ids = self.tokenizer.encode(instruct_text)  # upstream does not normalise it
         segments = self._segments(tts_text, text_frontend)
         return self._run(segments, lambda s: {"text_ids": self.tokenizer.encode(s), "prompt_text_ids": instruct_ids,
-                                              **self._flow_prompt(prompt)}, stream, speed, seed)
+                                              **self._flow_prompt(prompt)}, stream, speed, seed, timings)
 
-    def inference_vc(self, source_wav: Any, prompt_wav: Any, stream: bool = False,
-                     speed: float = 1.0) -> Iterator[dict[str, np.ndarray]]:
+    def inference_vc(self, source_wav: Any, prompt_wav: Any, stream: bool = False, speed: float = 1.0, *,
+                     timings: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Voice conversion: the source's speech tokens in the prompt's voice (no LLM; no 2:1 prompt trim)."""
         from cosyjax.frontend import load_audio
 
-        prompt = self._prompt(prompt_wav, align=False)
+        prompt = self._prompt(prompt_wav, align=False, timings=timings)
         source = self.speech_tokenizer(load_audio(source_wav, 16000))
+        trace = Trace()
         with jax.default_device(self.device):
-            yield from self._synthesize(source_speech_tokens=source, stream=stream, speed=speed,
-                                        **self._flow_prompt(prompt))
+            for chunk in self._synthesize(source_speech_tokens=source, stream=stream, speed=speed, trace=trace,
+                                          **self._flow_prompt(prompt)):
+                if timings is not None:
+                    timings.update(trace.timings)
+                yield chunk
 
     # ------------------------------------------------------------------ speaker cache
     def list_available_spks(self) -> list[str]:

@@ -13,8 +13,10 @@ Also here: the validated ``Request``, its ``Trace``, upstream's hop schedule (``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
@@ -152,6 +154,8 @@ class Trace:
       hops: stream hop sizes in tokens (empty for non-stream).
       flow_calls: [K, 3] (target tokens, streaming, finalize) per flow call.
       mel: with ``record_mel``, the whole mel [1, T, C] the vocoder received (after ``speed``).
+      timings: seconds of the first chunk's stages: "prefill", "first_decode_chunk", "first_flow",
+        "first_vocoder" (whichever ran), and "first_chunk" from the run's start to its first chunk.
     """
 
     record_mel: bool = False
@@ -160,6 +164,7 @@ class Trace:
     hops: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     flow_calls: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int64))
     mel: np.ndarray | None = None
+    timings: dict = dataclasses.field(default_factory=dict)
 
     def _record(self, raw: Sequence[int], tokens: Sequence[int], hops: Sequence[int],
                 calls: Sequence[tuple[int, int, int]], mel: np.ndarray | None) -> None:
@@ -184,6 +189,7 @@ class Request:
     speed: float
     key: Any
     max_tokens: int  # LLM output cap: what the flow's noise buffer leaves after the prompt
+    voice_prefix: Any = None  # lm.VoicePrefix of the voice's prompt text, prefilled once
 
     @property
     def flow_prompt_speech(self) -> np.ndarray:  # [P] int
@@ -258,6 +264,7 @@ class RequestRun:
         self.calls: list[tuple[int, int, int]] = []
         self.hops: list[int] = []
         self.finished = False
+        self.started = time.perf_counter()
         if stream:
             self.hop_state = hop_state if hop_state is not None else HopState(model.schedule.base)
             self.pad = model.schedule.pad(self.hop_state.hop, int(req.flow_prompt_speech.size))
@@ -293,11 +300,14 @@ class RequestRun:
         if not self.tokens:
             self.trace._record(self.raw, self.tokens, (), self.calls, None)
             return _empty()
-        mel = m._flow(self.tokens, req, self.calls, streaming=False, finalize=True)
+        with self._timed("first_flow"):
+            mel = m._flow(self.tokens, req, self.calls, streaming=False, finalize=True)
         if req.speed != 1.0:
             mel = interpolate_linear(mel, int(mel.shape[1] / req.speed))
         self.trace._record(self.raw, self.tokens, (), self.calls, mel)
-        return {"tts_speech": m._hift(mel, finalize=True)}
+        with self._timed("first_vocoder"):
+            audio = m._hift(mel, finalize=True)
+        return self._chunk(audio)
 
     def _advance(self, llm_done: bool) -> list[dict[str, np.ndarray]]:
         m, sched, out = self.model, self.model.schedule, []
@@ -306,15 +316,17 @@ class RequestRun:
             this_hop = hop + (self.pad if self.offset == 0 else 0)
             need = self.offset + this_hop + sched.lookahead
             if len(self.tokens) >= need:
-                mel = m._flow_hop(self.tokens[:need], self.req, self.calls, self.flow_state,
-                                  sched.token_mel_ratio * self.offset, finalize=False)
+                with self._timed("first_flow"):
+                    mel = m._flow_hop(self.tokens[:need], self.req, self.calls, self.flow_state,
+                                      sched.token_mel_ratio * self.offset, finalize=False)
                 self.mel_all = np.concatenate([self.mel_all, mel], axis=1)
-                audio, self.emitted, self.vocoder = m._hift_stream(self.mel_all, mel, self.emitted, self.vocoder,
-                                                                   finalize=False)
+                with self._timed("first_vocoder"):
+                    audio, self.emitted, self.vocoder = m._hift_stream(self.mel_all, mel, self.emitted, self.vocoder,
+                                                                       finalize=False)
                 self.offset += this_hop
                 self.hops.append(this_hop)
                 hop = self.hop_state.hop = sched.next_hop(hop)
-                out.append({"tts_speech": np.asarray(audio)})
+                out.append(self._chunk(audio))
             elif not llm_done:
                 return out
             # Upstream tests the stale hop (the one just processed); the fresh schedule tests the next.
@@ -329,16 +341,29 @@ class RequestRun:
         if not self.tokens:
             self.trace._record(self.raw, self.tokens, self.hops, self.calls, None)
             return _empty()
-        if m.final_full_attention:
-            mel = m._flow(self.tokens, self.req, self.calls, streaming=False,
-                          finalize=True)[:, sched.token_mel_ratio * self.offset:]
-        else:
-            mel = m._flow_hop(self.tokens, self.req, self.calls, self.flow_state, sched.token_mel_ratio * self.offset,
-                              finalize=True)
+        with self._timed("first_flow"):
+            if m.final_full_attention:
+                mel = m._flow(self.tokens, self.req, self.calls, streaming=False,
+                              finalize=True)[:, sched.token_mel_ratio * self.offset:]
+            else:
+                mel = m._flow_hop(self.tokens, self.req, self.calls, self.flow_state,
+                                  sched.token_mel_ratio * self.offset, finalize=True)
         self.mel_all = np.concatenate([self.mel_all, mel], axis=1)
         self.trace._record(self.raw, self.tokens, self.hops, self.calls, self.mel_all)
-        audio, self.emitted, self.vocoder = m._hift_stream(self.mel_all, mel, self.emitted, self.vocoder,
-                                                           finalize=True)
+        with self._timed("first_vocoder"):
+            audio, self.emitted, self.vocoder = m._hift_stream(self.mel_all, mel, self.emitted, self.vocoder,
+                                                               finalize=True)
+        return self._chunk(audio)
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        """Record ``name``'s time in the trace the first time it runs (the first chunk's stages)."""
+        start = time.perf_counter()
+        yield
+        self.trace.timings.setdefault(name, time.perf_counter() - start)
+
+    def _chunk(self, audio: Any) -> dict[str, np.ndarray]:
+        self.trace.timings.setdefault("first_chunk", time.perf_counter() - self.started)
         return {"tts_speech": np.asarray(audio)}
 
 

@@ -432,3 +432,23 @@ def test_bad_inputs_raise_before_device_work(case_model, monkeypatch, kwargs, ma
     base.update(kwargs)
     with pytest.raises(ValueError, match=match):
         m.tts(**base)  # raises at call time, not at the first next()
+
+
+def test_voice_prefix_gives_the_same_tokens_and_audio(case_model):
+    """A cached voice's prompt-text prefix (its KV cache, prefilled once): the request prefills only
+    the rest of its prompt, and decodes exactly the tokens of the uncached path; the first chunk's
+    stage times are in the trace."""
+    case, converted = case_model
+    a = case.group("tts")
+    m = CosyVoice3Model(converted)
+    prefix = m.voice_prefix(a["prompt_text"][0])
+    for key, stream in ((1, False), (2, True)):
+        kw = dict(text_ids=a["text"][0], prompt_text_ids=a["prompt_text"][0],
+                  llm_prompt_speech_tokens=a["llm_prompt_speech_token"][0], key=key, stream=stream, **_prompt(case))
+        plain, _, t_plain = _traced(m, **kw)
+        cached, _, t_cached = _traced(m, **kw, voice_prefix=prefix)
+        np.testing.assert_array_equal(t_cached.llm_tokens, t_plain.llm_tokens)
+        np.testing.assert_array_equal(cached, plain)
+        assert {"prefill", "first_decode_chunk", "first_flow", "first_vocoder", "first_chunk"} <= set(t_cached.timings)
+    with pytest.raises(ValueError, match="voice_prefix"):
+        m.tts(text_ids=a["text"][0], prompt_text_ids=a["prompt_text"][0][:-1], voice_prefix=prefix, **_prompt(case))

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import tempfile
+import time
 
 import numpy as np
 import soundfile
@@ -167,7 +168,7 @@ def _reusable(source: AudioSource | tuple[np.ndarray, int]) -> AudioSource:
 
 def extract_prompt(wav: AudioSource | tuple[np.ndarray, int], *, speech_tokenizer: SpeechTokenizerBase,
                    speaker_encoder: SpeakerEncoderBase, mel_cfg: MelConfig, token_mel_ratio: int,
-                   align: bool = True) -> PromptFeatures:
+                   align: bool = True, timings: dict | None = None) -> PromptFeatures:
     """Prompt features of one recording, as upstream's ``frontend_zero_shot`` (or ``frontend_vc``).
 
     Args:
@@ -178,6 +179,8 @@ def extract_prompt(wav: AudioSource | tuple[np.ndarray, int], *, speech_tokenize
         second load rate.
       token_mel_ratio: ``FlowConfig.token_mel_ratio``.
       align: apply the zero-shot trim (True for zero-shot/cross-lingual/instruct2; False for VC).
+      timings: a dict to fill with the seconds of "audio_decode", "speech_tokenizer", "speaker_encoder"
+        and "prompt_mel".
     Returns:
       PromptFeatures.
     Raises:
@@ -188,12 +191,25 @@ def extract_prompt(wav: AudioSource | tuple[np.ndarray, int], *, speech_tokenize
         raise PromptError("extract_prompt: mel_cfg is None (the release yaml has no feat_extractor)")
     if int(token_mel_ratio) < 1:
         raise PromptError(f"extract_prompt: token_mel_ratio must be >= 1, got {token_mel_ratio}")
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
+
+    def lap(name):
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - clock
+        clock = now
+
     source = _reusable(wav)
     wav16k = load_audio(source, TOKENIZER_SAMPLE_RATE)
     wav_mel = load_audio(source, mel_cfg.sampling_rate)  # a separate load, never resampled from 16 kHz
-    tokens = speech_tokenizer(wav16k)
-    embedding = speaker_encoder(wav16k)
+    lap("audio_decode")
+    tokens = np.asarray(speech_tokenizer(wav16k))
+    lap("speech_tokenizer")
+    embedding = np.asarray(speaker_encoder(wav16k))
+    lap("speaker_encoder")
     mel = prompt_mel(wav_mel, mel_cfg)
+    lap("prompt_mel")
     if align:
         tokens, mel = align_prompt(tokens, mel, int(token_mel_ratio))
     return PromptFeatures(speech_tokens=tokens, embedding=embedding, prompt_mel=mel,

@@ -322,3 +322,73 @@ for _cls in (DecodeState, ChunkOutput):
     jax.export.register_pytree_node_serialization(
         _cls, serialized_name=f"cosyjax.llm.decode.{_cls.__name__}", serialize_auxdata=lambda aux: b"",
         deserialize_auxdata=lambda data: ())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "precision"))
+def prefill_prefix(params, ids: Array, is_speech: Array, length: Array, *, cfg: LLMConfig, slots: int,
+                   precision: Precision | None = None) -> dict[str, Any]:
+    """The K/V of one request's fixed prefix (sos + prompt text), for ``prefill_from_prefix``.
+
+    Args:
+      ids, is_speech: [1, P1] the prefix's token layout, right-padded to a bucket; length: [1] real tokens.
+      slots: P1 (static).
+    Returns:
+      {"k", "v": lists over layers of [1, P1, K, H], "length": [1]}: a voice's reusable prefix.
+    """
+    model = _model(cfg, params, precision)
+    dtype = model.precision.dtype
+    shape = (1, slots, cfg.num_kv_heads, cfg.head_dim)
+    state = DecodeState(
+        cache=[{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)],
+        valid=jnp.zeros((1, slots), bool), positions=jnp.zeros((1,), jnp.int32), end_index=jnp.zeros((1,), jnp.int32),
+        logits=jnp.zeros((1, cfg.speech_vocab_size), jnp.float32), step=jnp.zeros((1,), jnp.int32),
+        num_tokens=jnp.zeros((1,), jnp.int32), done=jnp.zeros((1,), bool), stop_token=jnp.full((1,), -1, jnp.int32),
+        recent=jnp.zeros((1, 1), jnp.int32), min_len=jnp.zeros((1,), jnp.int32), max_len=jnp.zeros((1,), jnp.int32),
+        keys=jax.random.split(jax.random.key(0), 1))
+    x = model.apply({"params": params}, ids, is_speech, method=model.embed)
+    new_valid = jnp.arange(slots, dtype=jnp.int32)[None, :] < length[:, None]
+    _, state = _forward(cfg, params, state, x, new_valid, precision)
+    return {"k": [c["k"] for c in state.cache], "v": [c["v"] for c in state.cache], "length": length}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "window", "precision"))
+def prefill_from_prefix(params, prefix: dict[str, Any], ids: Array, is_speech: Array, lengths: Array, min_len: Array,
+                        max_len: Array, keys: Array, *, cfg: LLMConfig, cache_len: int, window: int,
+                        precision: Precision | None = None) -> DecodeState:
+    """``prefill`` of a request whose layout starts with a cached prefix (``prefill_prefix``).
+
+    The prefix's keys/values are copied into slots [0, P1) (its pad slots stay invalid) and only the
+    rest of the layout (text, task id, prompt speech; [1, R] ``ids``/``is_speech``, ``lengths`` real
+    tokens) runs through the model, at slots P1.. and rotary positions that continue the prefix's.
+    The state is the one ``prefill`` makes for the whole layout, so decoding continues the same.
+    """
+    model = _model(cfg, params, precision)
+    dtype = model.precision.dtype
+    batch = ids.shape[0]
+    p1 = prefix["k"][0].shape[1]
+    shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+
+    def place(a):
+        return jax.lax.dynamic_update_slice(jnp.zeros(shape, dtype), a.astype(dtype), (0, 0, 0, 0))
+
+    length = prefix["length"]
+    state = DecodeState(
+        cache=[{"k": place(k), "v": place(v)} for k, v in zip(prefix["k"], prefix["v"])],
+        valid=jnp.arange(cache_len)[None, :] < length[:, None],
+        positions=length.astype(jnp.int32),
+        end_index=jnp.full((batch,), p1, jnp.int32),
+        logits=jnp.zeros((batch, cfg.speech_vocab_size), jnp.float32),
+        step=jnp.zeros((batch,), jnp.int32),
+        num_tokens=jnp.zeros((batch,), jnp.int32),
+        done=max_len <= 0,
+        stop_token=jnp.full((batch,), -1, jnp.int32),
+        recent=jnp.full((batch, window), -1, jnp.int32),
+        min_len=min_len.astype(jnp.int32),
+        max_len=max_len.astype(jnp.int32),
+        keys=keys,
+    )
+    x = model.apply({"params": params}, ids, is_speech, method=model.embed)  # [B, R, D]
+    new_valid = jnp.arange(ids.shape[1], dtype=jnp.int32)[None, :] < lengths[:, None]
+    hidden, state = _forward(cfg, params, state, x, new_valid, precision)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    return state.replace(logits=model.apply({"params": params}, last, method=model.logits))

@@ -279,17 +279,65 @@ def prepare(cfg: LLMConfig, requests: Sequence[LMRequest], keys, *, cache_len: i
     return PreparedBatch(ids, is_speech, lengths, limits[:, 0], limits[:, 1], cache_len)
 
 
+@dataclasses.dataclass(frozen=True)
+class VoicePrefix:
+    """The KV cache of a voice's fixed layout prefix: sos + its prompt text (``voice_prefix``).
+
+    Every request of a cached voice starts its layout with these tokens; only the rest (its text,
+    the task id, the prompt speech tokens, which follow the text) needs a prefill.  Holds the
+    prefix's keys/values only ([1, P1, K, H] per layer, P1 its bucket), not a full cache.
+    """
+
+    prompt_text: tuple[int, ...]
+    kv: dict
+    slots: int
+
+
+def voice_prefix(params, cfg: LLMConfig, prompt_text: Sequence[int], *, precision: Precision | None = None,
+                 programs: ProgramCache | None = None) -> VoicePrefix:
+    """Prefill sos + ``prompt_text`` once and keep its keys/values (a voice's reusable prefix)."""
+    text = _ids(prompt_text)
+    _check_range("prompt_text", text, cfg.vocab_size)
+    ids = [cfg.sos] + list(text)
+    slots = bucket(len(ids))
+    layout_ids = np.zeros((1, slots), np.int32)
+    layout_ids[0, :len(ids)] = ids
+    is_speech = np.zeros((1, slots), bool)
+    is_speech[0, 0] = True
+    kv = run_program(programs, decode.prefill_prefix, params, layout_ids, is_speech, np.array([len(ids)], np.int32),
+                     cfg=cfg, slots=slots, precision=precision)
+    return VoicePrefix(text, kv, slots)
+
+
 def start(params, cfg: LLMConfig, requests: Sequence[LMRequest], keys: Array, settings: SamplerSettings,
           precision: Precision | None = None, programs: ProgramCache | None = None,
-          **prepare_kwargs) -> decode.DecodeState:
+          prefix: VoicePrefix | None = None, **prepare_kwargs) -> decode.DecodeState:
     """``prepare`` (host checks) then ``decode.prefill``; returns the decode state.
 
     ``programs``: run through this ``cosyjax.programs.ProgramCache`` (compiled ahead of time by warm-up).
+    ``prefix``: the cached prefix of the (one) request's voice (``voice_prefix``; its prompt text must
+    be the request's): only the rest of the layout is prefilled (``decode.prefill_from_prefix``).
     """
     batch = prepare(cfg, requests, keys, **prepare_kwargs)
-    return run_program(programs, decode.prefill, params, batch.ids, batch.is_speech, batch.lengths, batch.min_len,
-                       batch.max_len, keys, cfg=cfg, cache_len=batch.cache_len, window=settings.win_size,
-                       precision=precision)
+    if prefix is None:
+        return run_program(programs, decode.prefill, params, batch.ids, batch.is_speech, batch.lengths,
+                           batch.min_len, batch.max_len, keys, cfg=cfg, cache_len=batch.cache_len,
+                           window=settings.win_size, precision=precision)
+    if len(requests) != 1 or requests[0].prompt_text != prefix.prompt_text:
+        raise ValueError("prefix: a voice prefix serves one request with the same prompt_text")
+    cut = 1 + len(prefix.prompt_text)
+    rest = int(batch.lengths[0]) - cut
+    size = bucket(rest)
+    if prefix.slots + size + int(batch.max_len[0]) > batch.cache_len:
+        raise ValueError(f"cache_len={batch.cache_len} is too small for the {prefix.slots} prefix slots, the "
+                         f"{size}-slot rest and max_len={int(batch.max_len[0])}")
+    ids = np.zeros((1, size), np.int32)
+    is_speech = np.zeros((1, size), bool)
+    ids[0, :rest] = batch.ids[0, cut:cut + rest]
+    is_speech[0, :rest] = batch.is_speech[0, cut:cut + rest]
+    return run_program(programs, decode.prefill_from_prefix, params, prefix.kv, ids, is_speech,
+                       np.array([rest], np.int32), batch.min_len, batch.max_len, keys, cfg=cfg,
+                       cache_len=batch.cache_len, window=settings.win_size, precision=precision)
 
 
 def stream(params, cfg: LLMConfig, state: decode.DecodeState, settings: SamplerSettings, *,
@@ -358,9 +406,12 @@ def generate(params, cfg: LLMConfig, requests: Sequence[LMRequest], keys: Array,
 
 
 def programs(cfg: LLMConfig, params, *, max_prefill: int, cache_len: int, settings: SamplerSettings,
-             chunk_size: int, batch: int = 1, precision: Precision | None = None) -> list[tuple]:
+             chunk_size: int, batch: int = 1, precision: Precision | None = None,
+             max_prefix: int | None = None) -> list[tuple]:
     """Every program ``start`` + ``stream`` run for prompts of up to ``max_prefill`` tokens with a
-    ``cache_len``-slot cache: prefill per prompt bucket, and the decode chunk (cosyjax.programs)."""
+    ``cache_len``-slot cache: prefill per prompt bucket, and the decode chunk (cosyjax.programs).
+    ``max_prefix``: also the voice-prefix programs (``voice_prefix``, ``start(prefix=...)``) for
+    prefixes of up to that many tokens (sos + prompt text)."""
     p = specs_of(params)
     i32 = np.int32
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
@@ -377,4 +428,23 @@ def programs(cfg: LLMConfig, params, *, max_prefill: int, cache_len: int, settin
     state = jax.eval_shape(functools.partial(decode.prefill, **prefill_static), *args)
     out.append((decode.decode_chunk, (p, state), dict(cfg=cfg, settings=settings, num_steps=chunk_size,
                                                       record_logits=False, precision=precision, fixed_trip=None)))
-    return out
+    if max_prefix is None or batch != 1:
+        return out
+    one = jax.ShapeDtypeStruct((1,), i32)
+    slots = bucket(1)
+    while True:
+        prefix_args = (p, jax.ShapeDtypeStruct((1, slots), i32), jax.ShapeDtypeStruct((1, slots), bool), one)
+        prefix_static = dict(cfg=cfg, slots=slots, precision=precision)
+        out.append((decode.prefill_prefix, prefix_args, prefix_static))
+        kv = jax.eval_shape(functools.partial(decode.prefill_prefix, **prefix_static), *prefix_args)
+        rest = bucket(1)
+        while True:
+            out.append((decode.prefill_from_prefix, (p, kv, jax.ShapeDtypeStruct((1, rest), i32),
+                                                     jax.ShapeDtypeStruct((1, rest), bool), one, one, one, keys),
+                        dict(cfg=cfg, cache_len=cache_len, window=settings.win_size, precision=precision)))
+            if rest >= max_prefill - 1:
+                break
+            rest *= 2
+        if slots >= max_prefix:
+            return out
+        slots *= 2

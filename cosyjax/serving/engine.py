@@ -255,7 +255,8 @@ class Engine:
                              request.pop("llm_prompt_speech_tokens", ()), request.pop("flow_prompt_speech_tokens", ()),
                              request.pop("prompt_feat", None), request.pop("embedding", None),
                              request.pop("source_speech_tokens", None), request.pop("forced_tokens", None),
-                             request.pop("speed", 1.0), request.pop("key", None), stream)
+                             request.pop("speed", 1.0), request.pop("key", None), stream,
+                             request.pop("voice_prefix", None))
         if request:
             raise ValueError(f"unknown argument(s) {sorted(request)}")
         if deadline_seconds is not None and not deadline_seconds > 0:
@@ -360,8 +361,7 @@ class Engine:
         model = self.model
         if self._state is None:
             self._state = self._free_rows(self.config.slots)
-        row = lm.start(model.params["llm"], model.config.llm, [job.run.req.lm_request], job.run.req.key[None],
-                       model.sampler, precision=model.policy.llm, programs=model.programs, cache_len=model.cache_len)
+        row = model.prefill(job.run.req)
         with self._lock:
             slot = self._free.pop(0)
         job.slot = slot
