@@ -126,7 +126,8 @@ def _ours_prewarmed(bundle: Bundle) -> bool:
     req = wl.llm_request(0)
     prepared = lm.prepare(cfg, [lm.LMRequest.zero_shot(req["text"], req["prompt_text"], req["prompt_speech"])],
                           jax.random.split(jax.random.key(0), 1))
-    keys = {("llm", 1, prepared.ids.shape[1], prepared.cache_len, m.schedule.base, m.sampler),
+    # the model decodes in its one KV-cache size (``m.cache_len``, from its limits), not the request's own
+    keys = {("llm", 1, prepared.ids.shape[1], m.cache_len, m.schedule.base, m.sampler),
             flow_stage.warm_key(bundle, wl.prompt_tokens + wl.e2e_tokens),
             hift_stage.warm_key(bundle.e2e_mel_frames())}
     return keys <= bundle.warm

@@ -179,7 +179,13 @@ class CosyVoice3Model:
         # Compiled stage programs (shared by every request, like jit's own cache; see cosyjax.programs).
         self.programs = ProgramCache()
 
+    @property
+    def dtype(self) -> str:
+        """The policy's name: "float32", "bfloat16" or "mixed" (what batch fingerprints and logs record)."""
+        return self.policy.name
+
     # ---------------------------------------------------------------- validation
+
     def _request(self, text_ids, prompt_text_ids, llm_prompt_speech_tokens, flow_prompt_speech_tokens,
                  prompt_feat, embedding, source_speech_tokens, forced_tokens, speed, key, stream,
                  voice_prefix=None) -> Request:
@@ -472,7 +478,8 @@ class CosyVoice3Model:
           requests: dicts of ``tts`` keyword arguments (text_ids, prompt_text_ids, ..., speed,
             forced_tokens, source_speech_tokens); ``stream`` is not accepted.
           keys: one key per request (default: each request's ``key`` entry, else seed 0).
-          traces: one ``Trace`` per request to fill (llm_tokens, flow_tokens), as ``tts(trace=...)``.
+          traces: one ``Trace`` per request to fill (llm_tokens, flow_tokens), as ``tts(trace=...)``
+            (default: each request's ``trace`` entry, if any).
         Returns:
           one waveform [1, samples] per request, each equal (up to float32 rounding of the padded
           shapes) to ``next(tts(**request))["tts_speech"]``.
@@ -483,11 +490,15 @@ class CosyVoice3Model:
             raise ValueError(f"tts_batch: {len(keys)} keys for {len(requests)} requests")
         if traces is not None and len(traces) != len(requests):
             raise ValueError(f"tts_batch: {len(traces)} traces for {len(requests)} requests")
-        reqs = []
+        reqs, given = [], []
         for i, r in enumerate(requests):
             r = dict(r)
             if r.pop("stream", False):
                 raise ValueError(f"request {i}: tts_batch is non-stream only")
+            given.append(r.pop("trace", None))
+            # A cached voice's prefix saves batch-1 prefill work only; the batched prefill gives the
+            # same tokens without it.
+            r.pop("voice_prefix", None)
             key = keys[i] if keys is not None else r.pop("key", None)
             r.pop("key", None)
             try:
@@ -500,6 +511,8 @@ class CosyVoice3Model:
                 raise ValueError(f"request {i}: {e}") from None
             if r:
                 raise ValueError(f"request {i}: unknown argument(s) {sorted(r)}")
+        if traces is None and any(t is not None for t in given):
+            traces = [t if t is not None else Trace() for t in given]
         # LLM rows, batched.
         raw: list[np.ndarray] = [np.zeros(0, np.int64)] * len(reqs)
         llm_rows = [i for i, q in enumerate(reqs) if q.uses_llm]

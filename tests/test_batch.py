@@ -107,11 +107,15 @@ def batch_tts(tiny_converted, data):
 
 
 def signature(kwargs: dict) -> str:
-    """The bytes of one CosyVoice3Model request (what decides its output)."""
+    """The bytes of one CosyVoice3Model request (what decides its output).
+
+    Left out: ``stream``; ``trace`` (where the call reports, not an input); ``voice_prefix`` (a cached
+    voice's prefilled prompt text: it saves prefill work and gives the same tokens, and the prompt text
+    it holds is ``prompt_text_ids``, which is hashed)."""
     import jax
 
     h = hashlib.sha256()
-    for name in sorted(k for k in kwargs if k != "stream"):
+    for name in sorted(k for k in kwargs if k not in ("stream", "trace", "voice_prefix")):
         value = kwargs[name]
         if name == "key":
             value = jax.random.key_data(value)

@@ -49,7 +49,6 @@ def test_quick_run_writes_every_row(tmp_path):
     sizes = result["settings"]["sizes"]
     # the random LLM never stops early: exactly max_len tokens reach the flow
     assert e2e["extra"]["cosyjax_llm_tokens"] == e2e["extra"]["cosyjax_flow_tokens"] == sizes["e2e_speech_tokens"]
-    assert e2e["extra"]["cosyjax_warmup"] == "stage rows"  # tiny sizes share the stage rows' buckets too
     assert e2e["cosyjax"] == pytest.approx(e2e["extra"]["cosyjax_wall_s"] / e2e["extra"]["cosyjax_audio_s"])
     assert by_name["Stream first chunk, bs 1"]["extra"]["cosyjax_first_chunk_s"] > 0
     machine = result["machine"]

@@ -190,7 +190,7 @@ def test_kv_cache_full_is_reported_with_its_size():
     from cosyjax.config import LLMConfig
     from cosyjax.llm import lm
 
-    state = types.SimpleNamespace(done=np.array([True, False]), end_index=np.array(96), valid=np.zeros((2, 96), bool))
+    state = types.SimpleNamespace(done=np.array([True, False]), end_index=np.array([40, 96]), valid=np.zeros((2, 96), bool))
     with pytest.raises(ValueError, match=r"KV cache full \(96 slots\) before every row finished"):
         next(lm.stream(None, LLMConfig.tiny(), state, None))
 

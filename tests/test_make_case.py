@@ -10,6 +10,7 @@ COSYJAX_REFERENCE_REPO points at an upstream CosyVoice checkout.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 
@@ -23,6 +24,9 @@ from cosyjax.parity.case import load_case
 TINY_A = os.path.join(DATA, "tiny-a")
 CONFIGS = os.path.join(DATA, "configs")
 CASES = case_dirs()
+# full cases hold a model (tiny-a's groups); frontend cases hold only the ONNX models and their outputs
+MODEL_CASES = [c for c in CASES if os.path.exists(os.path.join(c, "model", "cosyvoice3.yaml"))]
+FRONTEND_CASES = [c for c in CASES if c not in MODEL_CASES]
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +142,29 @@ def check_case_structure(case_dir: str, reference) -> None:
         assert _sha256(path) == entry["sha256"], f"{rel}: sha256 differs from meta.json"
 
 
-@pytest.mark.parametrize("case_dir", CASES, ids=[os.path.basename(c) for c in CASES])
+@pytest.mark.parametrize("case_dir", MODEL_CASES, ids=[os.path.basename(c) for c in MODEL_CASES])
 def test_committed_case_structure(case_dir, tiny_a):
     check_case_structure(case_dir, tiny_a)
+
+
+@pytest.mark.parametrize("case_dir", FRONTEND_CASES, ids=[os.path.basename(c) for c in FRONTEND_CASES])
+def test_committed_frontend_case_structure(case_dir):
+    """A frontend-only case: only frontend groups, the manifest names exactly its arrays with their
+    shapes, and it says which models made it."""
+    with np.load(os.path.join(case_dir, "golden.npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    with open(os.path.join(case_dir, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    with open(os.path.join(case_dir, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    assert arrays and all(k.startswith("frontend_") for k in arrays), sorted(arrays)
+    assert set(manifest) == set(arrays), sorted(set(manifest) ^ set(arrays))
+    for key, entry in manifest.items():
+        assert entry["shape"] == list(arrays[key].shape) and entry["dtype"] == str(arrays[key].dtype), key
+        assert entry["desc"].strip(), key
+    for key in ("seed", "versions", "checks"):
+        assert key in meta, f"meta.json lacks {key}"
+    assert any(n.endswith(".onnx") for n in os.listdir(os.path.join(case_dir, "model"))), "no models in the case"
 
 
 def test_tiny_b_is_committed_with_other_dims(tiny_a):

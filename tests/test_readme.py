@@ -15,6 +15,7 @@ user's checkout:
 * ``tests/data/<case>`` link to the committed cases; ``tests/data/tiny-release`` is a directory of links
   to the committed tiny release, so the conversion cache (``.cosyjax/``) lands in the sandbox, not in the
   repository.  The first block that loads the release converts it (once); the others reuse that cache.
+* ``tools/`` and ``examples/`` link to the checkout's;
 * ``pretrained_models/Fun-CosyVoice3-0.5B`` is that same directory (the real release is a download);
 * ``my_voice.wav`` is the synthetic voice of ``conftest.py``;
 * ``cosyjax`` on ``PATH`` is ``python -m cosyjax.cli`` of this interpreter (an installed console script
@@ -39,7 +40,8 @@ import pytest
 
 from conftest import DATA, voice_wav_bytes
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, "README.md")
 HUB_ID = "FunAudioLLM/Fun-CosyVoice3-0.5B-2512"
 LANGUAGES = ("python", "bash", "text")
 _FENCE = re.compile(r"^```(\S*)\s*$")
@@ -112,6 +114,8 @@ def sandbox(tmp_path_factory):
                 (release / item).symlink_to(os.path.join(DATA, name, item))
         else:
             (data / name).symlink_to(os.path.join(DATA, name))
+    for name in ("tools", "examples"):  # the checkout's scripts and example configs
+        (root / name).symlink_to(os.path.join(REPO, name))
     (root / "pretrained_models").mkdir()
     (root / "pretrained_models" / "Fun-CosyVoice3-0.5B").symlink_to(data / "tiny-release")
     (root / "my_voice.wav").write_bytes(voice_wav_bytes())

@@ -53,7 +53,6 @@ from cosyjax.model import Trace
 
 DEFAULT_BATCH_SIZE = 8
 SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")  # soundfile subtypes; PCM_16 is what ``cosyjax tts`` writes
-ENDOFPROMPT = "<|endofprompt|>"
 RESULTS, ERRORS, SUMMARY = "results.jsonl", "errors.jsonl", "summary.json"
 PART_POLL_S = 0.5
 
@@ -115,15 +114,6 @@ class Batch:
 # --------------------------------------------------------------------------------------------
 # The single-request calls, and the frontend that records them
 # --------------------------------------------------------------------------------------------
-def mode_text(entry: Entry) -> str:
-    """The text the pipeline gets: ``cosyjax tts``'s default prefix on cross-lingual text without the marker."""
-    from cosyjax.cli import DEFAULT_MARKER_PREFIX
-
-    if entry.mode == "cross_lingual" and ENDOFPROMPT not in entry.text:
-        return DEFAULT_MARKER_PREFIX + entry.text
-    return entry.text
-
-
 def single_request(tts: Any, entry: Entry) -> Iterator[dict[str, np.ndarray]]:
     """The ``CosyVoice3`` call for one manifest line, as ``cosyjax tts`` makes it (non-stream).
 
@@ -133,11 +123,11 @@ def single_request(tts: Any, entry: Entry) -> Iterator[dict[str, np.ndarray]]:
     voice = dict(zero_shot_spk_id=entry.spk_id or "")
     common = dict(speed=entry.speed, seed=entry.seed)
     if entry.mode == "zero_shot":
-        return tts.inference_zero_shot(mode_text(entry), entry.prompt_text or "", entry.prompt_wav, **voice, **common)
+        return tts.inference_zero_shot(entry.text, entry.prompt_text or "", entry.prompt_wav, **voice, **common)
     if entry.mode == "cross_lingual":
-        return tts.inference_cross_lingual(mode_text(entry), entry.prompt_wav, **voice, **common)
+        return tts.inference_cross_lingual(entry.text, entry.prompt_wav, **voice, **common)
     if entry.mode == "instruct2":
-        return tts.inference_instruct2(mode_text(entry), entry.instruct_text, entry.prompt_wav, **voice, **common)
+        return tts.inference_instruct2(entry.text, entry.instruct_text, entry.prompt_wav, **voice, **common)
     return tts.inference_vc(entry.source_wav, entry.prompt_wav, speed=entry.speed)
 
 
@@ -197,8 +187,8 @@ class Frontend:
             raise LineError(error)
         return features
 
-    def prompt(self, prompt_wav: str, *, align: bool = True) -> Any:
-        """``CosyVoice3._prompt``'s contract, from the cache."""
+    def prompt(self, prompt_wav: str, *, align: bool = True, timings: dict | None = None) -> Any:
+        """``CosyVoice3._prompt``'s contract, from the cache (so no extraction ``timings``)."""
         from cosyjax.frontend import PromptFeatures, align_prompt
 
         features = self._unaligned(os.path.abspath(prompt_wav))
@@ -252,7 +242,7 @@ def line_cost(tts: Any, entry: Entry) -> tuple[bool, int, int, float]:
     try:
         if entry.mode == "vc":
             return True, 1, int(_seconds(entry.source_wav) * tts.config.token_frame_rate), _seconds(entry.prompt_wav)
-        segments = tts.normalizer(mode_text(entry))
+        segments = tts.normalizer(entry.text)
         longest = max(len(tts.tokenizer.encode(s)) for s in segments)
         if entry.spk_id:
             prompt = len(tts.spk2info[entry.spk_id]["prompt"].speech_tokens) / tts.config.token_frame_rate
