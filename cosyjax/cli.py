@@ -6,7 +6,8 @@ Commands:
   cosyjax convert --model-dir M --out O [--dtype float32|bfloat16] [--llm-file llm.pt|llm.rl.pt] [--overwrite]
   cosyjax export --converted-dir C --out O [--template RELEASE_DIR]   (JAX -> upstream .pt)
   cosyjax export-programs --model-dir M --out O [--platforms cpu,cuda,tpu]   (jax.export StableHLO programs)
-  cosyjax serve --model-dir M [--host 0.0.0.0] [--port 50000] [--dtype ...]   (pip install "cosyjax[server]")
+  cosyjax serve --model-dir M [--host 127.0.0.1] [--port 50000] [--api-key K] [--spkinfo DIR]   (pip install "cosyjax[server]")
+  cosyjax webui --model-dir M [--host 127.0.0.1] [--port 8000] [--share] [--spkinfo DIR]   (pip install "cosyjax[webui]")
   cosyjax parity check --case DIR --out REPORT_DIR [--stages llm,flow,hift]
   cosyjax parity make-case --reference-repo PATH --config CONFIG.yaml --seed N --out DIR
   cosyjax parity live --reference-repo PATH --model-dir M --out REPORT_DIR
@@ -25,6 +26,8 @@ EXAMPLES = """examples:
   cosyjax tts --model-dir tests/data/tiny-release --text "Hello world." --prompt-wav p.wav --stream -o out.wav
   cosyjax batch --model-dir tests/data/tiny-release --manifest test.jsonl --out wavs/ --batch-size 16
   cosyjax convert --model-dir pretrained_models/Fun-CosyVoice3-0.5B --out converted/cv3
+  COSYJAX_API_KEY=secret cosyjax serve --model-dir pretrained_models/Fun-CosyVoice3-0.5B --spkinfo voices/ \\
+      --prompt-dir prompts/ --cors-origin https://app.example.com
   cosyjax convert --model-dir pretrained_models/Fun-CosyVoice3-0.5B --llm-file llm.rl.pt --out converted/cv3-rl
   cosyjax parity check --case tests/data/tiny-a --out /tmp/report --stages hift
   cosyjax parity make-case --reference-repo ~/src/CosyVoice --config tests/data/configs/tiny-b.yaml \\
@@ -185,6 +188,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_GRPC_PORT = 50001  # the HTTP port's neighbour: upstream's clients both default to 50000
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import importlib.util
     import logging
@@ -195,25 +201,68 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from cosyjax.server import INSTALL_HINT, create_app
     except ImportError as e:  # the server is an optional extra
         cause = e.__cause__ if isinstance(e.__cause__, ImportError) else e
-        print(f"cosyjax: error: serve needs fastapi, uvicorn and python-multipart (missing: {cause.name or cause}); "
+        print(f"cosyjax: error: serve needs fastapi, uvicorn, python-multipart and prometheus-client "
+              f"(missing: {cause.name or cause}); "
               'pip install "cosyjax[server]"', file=sys.stderr)
         return 2
     if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
         print(f"cosyjax: error: {INSTALL_HINT} (python-multipart is missing)", file=sys.stderr)
         return 2
+    import os
+
     from cosyjax.pipeline import CosyVoice3
+    from cosyjax.serving import EngineConfig
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tts = CosyVoice3.from_pretrained(args.model_dir, dtype=args.dtype, backend=args.backend,
-                                     converted_dir=args.converted_dir, llm_file=args.llm_file)
-    if args.spkinfo:
+                                     converted_dir=args.converted_dir, llm_file=args.llm_file, progress=False)
+    if args.spkinfo and os.path.isdir(args.spkinfo):
         print(f"cached voices: {', '.join(tts.load_spkinfo(args.spkinfo)) or '(none)'}")
     limits = {"max_text_chars": args.max_text_chars, "max_pending": args.max_pending}
-    app = create_app(tts, **{k: v for k, v in limits.items() if v is not None})
-    print(f"serving {args.model_dir} ({tts.sample_rate} Hz int16 PCM, {tts.model.policy.name}, {tts.device.platform}) "
-          f"on http://{args.host}:{args.port}")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    limits = {k: v for k, v in limits.items() if v is not None}
+    engine = EngineConfig(**{k: v for k, v in (("slots", args.slots), ("max_pending", args.max_pending))
+                             if v is not None})
+    api_key = args.api_key or os.environ.get("COSYJAX_API_KEY") or None
+    app = create_app(tts, **limits, engine_config=engine, cors_origins=tuple(args.cors_origin or ()), api_key=api_key,
+                     spkinfo_dir=args.spkinfo, prompt_dir=args.prompt_dir, warmup=not args.no_warmup,
+                     drain_seconds=args.drain_seconds)
+    grpc_server = None
+    if not args.no_grpc:  # upstream's gRPC service beside the HTTP routes, on the same engine
+        try:
+            from cosyjax.serving.grpc_service import serve_grpc
+        except ImportError as e:
+            print(f"cosyjax: error: the gRPC service needs grpcio (missing: {e.name or e}); "
+                  'pip install "cosyjax[server]", or pass --no-grpc', file=sys.stderr)
+            return 2
+        grpc_server = serve_grpc(tts, args.host, args.grpc_port, api_key=api_key, engine_config=engine,
+                                 **({"max_text_chars": args.max_text_chars} if args.max_text_chars else {}))
+    print(f"serving {args.model_dir} ({tts.sample_rate} Hz, {tts.model.policy.name}, {tts.device.platform}) "
+          f"on http://{args.host}:{args.port}"
+          + (f" and grpc://{args.host}:{args.grpc_port}" if grpc_server else "")
+          + f" (auth {'on' if api_key else 'off'}; {engine.slots} slots)")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=max(1, int(args.drain_seconds)))
+    finally:
+        if grpc_server is not None:  # open calls get the same drain time as HTTP requests
+            grpc_server.stop(args.drain_seconds).wait()
     return 0
+
+
+def _cmd_webui(args: argparse.Namespace) -> int:
+    import logging
+
+    try:
+        from cosyjax import webui
+
+        webui._gradio()
+    except ImportError as e:  # gradio is an optional extra: webui.INSTALL_HINT
+        print(f"cosyjax: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return webui.main(args.model_dir, converted_dir=args.converted_dir, host=args.host, port=args.port,
+                      share=args.share, spkinfo=args.spkinfo, dtype=args.dtype, backend=args.backend,
+                      llm_file=args.llm_file)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -370,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("serve", help="HTTP server with upstream's FastAPI routes (int16 PCM responses)",
+    p = sub.add_parser("serve", help="HTTP server: upstream's FastAPI routes (int16 PCM), OpenAI-compatible "
+                            "/v1/audio/speech, /speakers, /synthesize, /metrics; requests batched on one engine",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default="FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
                    help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
@@ -381,15 +431,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "accumulation), auto (float32 on CPU, bfloat16 on GPU/TPU; default)")
     p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
     p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface, "
+                        "then set --api-key)")
     p.add_argument("--port", type=int, default=50000, help="upstream's default port")
-    p.add_argument("--spkinfo", default=None, help="directory written by CosyVoice3.save_spkinfo: voices for spk_id")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $COSYJAX_API_KEY; "
+                        "none: no authentication)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; default: no CORS headers)")
+    p.add_argument("--spkinfo", default=None,
+                   help="voice directory (CosyVoice3.save_spkinfo format): loaded at start, POST /speakers saves "
+                        "there, unknown ids are looked up there again (replicas may share it)")
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT,
+                   help="port of upstream's gRPC service (package cosyvoice, rpc Inference), served beside the HTTP "
+                        "routes on the same host and engine (default: %(default)s; upstream's own gRPC server uses "
+                        "50000, the HTTP default here: point its client.py at --port %(default)s)")
+    p.add_argument("--no-grpc", action="store_true", help="HTTP only: no gRPC service")
+    p.add_argument("--prompt-dir", default=None,
+                   help="directory whose files /synthesize's prompt_audio may name (nothing outside it)")
+    p.add_argument("--slots", type=int, default=None, help="LLM decode slots of the batching engine (default: 8)")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on shutdown, how long in-flight requests may finish (default: 30)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip compiling the engine's programs at start-up (the first requests compile instead)")
     p.add_argument("--max-text-chars", type=int, default=None,
                    help="longest text field accepted per request (default: cosyjax.server's, 2000)")
     p.add_argument("--max-pending", type=int, default=None,
-                   help="requests queued or running before 503 (default: cosyjax.server's, 16)")
+                   help="requests in flight (and waiting for the engine) before 503 (default: 16)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("webui", help="Gradio web page (upstream's demo): every mode, streamed playback, cached voices",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default="FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
+                   help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
+    p.add_argument("--converted-dir", default=None,
+                   help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="precision policy (auto: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
+    p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--spkinfo", default=None,
+                   help="directory of cached voices (CosyVoice3.save_spkinfo); voices saved in the page go there")
+    p.set_defaults(func=_cmd_webui)
 
     parity = sub.add_parser("parity", help="parity harness against the upstream PyTorch reference")
     psub = parity.add_subparsers(dest="parity_command", required=True)

@@ -364,8 +364,16 @@ def test_server_passes_language_and_strict_prompt_and_speaks_korean(tts, prompt_
     from fastapi.testclient import TestClient
 
     from cosyjax.server import create_app
+    from cosyjax.serving import Engine
 
     calls = record_llm_inputs(tts, monkeypatch)
+    submit = Engine.submit
+
+    def spy_submit(self, **kw):  # the server runs the pipeline on its engine: record and force there too
+        calls.append(kw)
+        return submit(self, **kw, forced_tokens=FORCED_TOKENS)
+
+    monkeypatch.setattr(Engine, "submit", spy_submit)
     with open(prompt_wav, "rb") as f:
         files = {"prompt_wav": ("p.wav", f.read())}
     with TestClient(create_app(tts)) as client:

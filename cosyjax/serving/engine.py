@@ -32,6 +32,7 @@ reader never holds up the device.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -192,6 +193,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._accepting = True
+        self._local = threading.local()  # per caller thread: the lists collect_handles() fills
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -276,9 +278,27 @@ class Engine:
             self._pending.append(job)
             self.metrics.submitted += 1
             self._lock.notify_all()
+        for sink in tuple(getattr(self._local, "sinks", ())):
+            sink.append(handle)
         if self._thread is None:
             self.start()
         return handle
+
+    @contextlib.contextmanager
+    def collect_handles(self, into: list | None = None) -> Iterator[list[Handle]]:
+        """Inside the block, the handles of the requests this thread submits are appended to the
+        yielded list (``into``, or a new one): how a server reaches the requests a pipeline call
+        made (one per text segment), to ``cancel()`` them when its client goes away.  Blocks may nest."""
+        handles: list[Handle] = [] if into is None else into
+        sinks = self._local.__dict__.setdefault("sinks", [])
+        sinks.append(handles)
+        try:
+            yield handles
+        finally:  # by identity: the list may be closed from another thread (a collected generator)
+            for i, sink in enumerate(sinks):
+                if sink is handles:
+                    del sinks[i]
+                    break
 
     def tts(self, *, stream: bool = False, **request: Any) -> Iterator[dict[str, np.ndarray]]:
         """``CosyVoice3Model.tts`` through the engine: the same chunks for the same request."""
