@@ -5,7 +5,9 @@
                          [--repeats N] [--isolate] [--dry-run] [--batch-release DIR]
 
 Extra stages, only when named in --stages: hift_stream, flow_stream, batch (``cosyjax batch`` throughput
-on a 64-line manifest per batch size, tiny release dims: see benchmarks/batch.py).
+on a 64-line manifest per batch size, tiny release dims: see benchmarks/batch.py), first_chunk (a streamed
+zero-shot request's first chunk, per stage, new voice with the jax / onnx prompt models and a cached voice,
+tiny release: see benchmarks/first_chunk.py).
 
 Stages always run in the order llm, flow, hift, e2e, stream, in one process that builds each random
 model once: the stage rows compile the programs the e2e request uses (same padded shapes), so e2e
@@ -51,6 +53,10 @@ CPU_COST = {
     # batch stage, warm-up + timed run of the 64-line tiny-release manifest per batch size (2026-12-02, Intel,
     # load ~5 from other jobs: an upper bound); other batch sizes interpolate
     "batch_s": {1: 270.0, 8: 240.0, 32: 506.0},
+    # first_chunk stage: tiny release, 3 pipelines' builds + warm-ups + 3 x 3 timed requests (2026-12-04, busy
+    # AMD 2-core); upstream_build: its CosyVoice3 on the tiny release (--reference-repo)
+    "first_chunk": 60.0,
+    "upstream_build": 20.0,
 }
 
 
@@ -167,6 +173,8 @@ def estimate(wl: Workload, stages: list[str], reference: bool, isolate: bool = F
                 t += flow_s("upstream", off, wl.prompt_tokens)
                 hop = min(MAX_HOP_FACTOR * wl.hop, 2 * hop)
         est["flow_stream"] = t
+    if "first_chunk" in stages:
+        est["first_chunk"] = CPU_COST["first_chunk"] + (CPU_COST["upstream_build"] if reference else 0.0)
     if "batch" in stages:
         est["batch"] = 5.0 + sum(_interp(c["batch_s"], b) for b in wl.batch_sizes)
     if isolate:
@@ -238,6 +246,11 @@ def _notes(wl: Workload, reference: bool, stages: list[str]) -> list[str]:
                      "HiFT batched, wav writing), timed after a warm-up run of the same manifest; the tiny release's "
                      "dims (release dims do not fit the CPU budget), its random LLM decodes max_len = 20 x text "
                      "tokens on every line. Upstream has no batch path.")
+    if "first_chunk" in stages:
+        notes.append("First chunk: CosyVoice3.inference_zero_shot(stream=True) on the tiny release, call to first "
+                     "chunk (best of the timed requests after a warm-up); the per-stage seconds are in each row's "
+                     "extra.breakdown_s, the prefilled LLM positions in extra.prefill_tokens (see "
+                     "benchmarks/first_chunk.py).")
     if not reference:
         notes.append("No --reference-repo: cosyjax only, random weights drawn in numpy.")
     return notes
@@ -318,12 +331,13 @@ def main(argv: list[str] | None = None) -> int:
 
             upstream_commit = git_commit(args.reference_repo) or upstream_commit
     else:
-        from benchmarks import batch, e2e, flow, hift, llm
+        from benchmarks import batch, e2e, first_chunk, flow, hift, llm, serve
         from benchmarks.models import Bundle
 
         runners = {"llm": llm.run, "flow": flow.run, "hift": hift.run, "e2e": e2e.run_e2e, "stream": e2e.run_stream,
                    "hift_stream": hift.run_stream, "flow_stream": flow.run_stream,
-                   "batch": lambda b: batch.run(b, args.batch_release)}
+                   "batch": lambda b: batch.run(b, args.batch_release), "first_chunk": first_chunk.run,
+                   "serve": lambda b: serve.run(b, args.batch_release)}
         bundle = Bundle(wl, args.reference_repo)
         if bundle.upstream_info is not None:
             upstream_commit = bundle.upstream_info.commit or upstream_commit

@@ -27,7 +27,7 @@ from cosyjax.config import FlowConfig, HiftConfig, LLMConfig, ModelConfig
 from cosyjax.llm.lm import ENDOFPROMPT_ID, MAX_TOKEN_TEXT_RATIO
 
 STAGES = ("llm", "flow", "hift", "e2e", "stream")  # --all
-EXTRA_STAGES = ("hift_stream", "flow_stream", "batch")  # only when named in --stages
+EXTRA_STAGES = ("hift_stream", "flow_stream", "batch", "first_chunk", "serve")  # only when named in --stages
 DEFAULT_BATCH_SIZES = {"cpu": (1, 8, 32), "gpu": (1, 16, 64)}
 QUICK_BATCH_SIZES = (1, 2)
 # 2.4 s: the e2e request (60 tokens, 120 frames) pads to the flow and HiFT rows' buckets, as at full size

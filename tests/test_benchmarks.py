@@ -95,6 +95,41 @@ def test_quick_batch_stage(tmp_path):
         assert row["agreement"].startswith("tokens and seconds of every line equal"), row
 
 
+def test_quick_first_chunk_stage(tmp_path):
+    """The extra ``first_chunk`` stage (--quick: onnx frontend + cached voice on the tiny release): the
+    per-stage breakdown adds up to the latency, no compile is timed, and the cached voice decodes the new
+    voice's tokens while prefilling fewer positions and no prompt audio."""
+    from benchmarks.first_chunk import BREAKDOWN_KEYS, PROMPT_STAGES
+
+    out_json = tmp_path / "bench.json"
+    proc = _run("--quick", "--stages", "first_chunk", "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert result["errors"] == []
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["First chunk, new voice (onnx frontend)", "First chunk, cached voice"]
+    new, cached = rows.values()
+    for row in (new, cached):
+        assert row["unit"] == "s" and 0 < row["cosyjax"] < 30, row
+        assert row["cosyjax_timed_compiles"] == 0, row
+        extra = row["extra"]
+        assert set(BREAKDOWN_KEYS) <= set(extra["breakdown_s"]), extra["breakdown_s"]
+        parts = extra["breakdown_s"]
+        assert all(v >= -1e-3 for v in parts.values()), parts
+        assert parts["prefill"] > 0 and parts["first_flow"] > 0 and parts["first_vocoder"] > 0, parts
+        main = sum(parts[k] for k in BREAKDOWN_KEYS if not k.endswith(("_features", "_model")))
+        assert main == pytest.approx(row["cosyjax"], abs=1e-4), (main, row["cosyjax"])
+        assert extra["tokens_identical"] is True and extra["first_chunk_identical"] is True, extra
+        assert extra["first_chunk_audio_s"] > 0 and extra["llm_tokens"] > 0
+    assert all(new["extra"]["breakdown_s"][k] > 0 for k in PROMPT_STAGES)
+    assert all(cached["extra"]["breakdown_s"][k] == 0 for k in PROMPT_STAGES)  # no prompt audio work
+    e_new, e_cached = new["extra"], cached["extra"]
+    assert e_cached["layout_tokens"] == e_new["layout_tokens"] == e_new["prefill_tokens"]
+    assert e_cached["prefill_tokens"] == e_new["prefill_tokens"] - e_cached["prefix_tokens"]
+    assert e_cached["prefix_tokens"] > 1 and e_cached["same_prompt_text_ids"] is True
+    assert e_cached["llm_tokens"] == e_new["llm_tokens"]
+
+
 def test_bad_arguments_are_refused():
     proc = _run("--stages", "llm,vocoder", "--dry-run", timeout=120)
     assert proc.returncode == 2 and "vocoder" in proc.stderr
