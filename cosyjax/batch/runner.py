@@ -206,6 +206,9 @@ class Frontend:
         planner = copy.copy(self.tts)
         recorder = _Recorder()
         planner.model, planner._prompt, planner.progress = recorder, self.prompt, False
+        # A cached voice's LLM prefix saves batch-1 prefill work only (tts_batch prefills whole prompts,
+        # same tokens): none is made here, and the voice's own prefix cache is left as it is.
+        planner._voice_prefix = lambda spk_id, prompt_ids: None
         with self._text_lock:
             for _ in single_request(planner, entry):
                 pass
