@@ -34,7 +34,7 @@ def run(bundle: Bundle) -> list[dict[str, Any]]:
     audio_s = frames * cfg.upsample_scale / cfg.sampling_rate
 
     def ours():
-        return np.asarray(hift_inference(params, mel, cfg=cfg, finalize=True, noise=noise, f0_float64=True))
+        return np.asarray(hift_inference(params, mel, cfg=cfg, finalize=True, noise=noise, policy="float32"))
 
     log(f"[hift] cosyjax: {frames} mel frames ({audio_s:.1f} s)")
     m = measure(ours, wl.repeats["hift"])

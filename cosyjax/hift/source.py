@@ -11,6 +11,9 @@ radians and a one-ulp change in it moves ``sin`` by ~1e-4:
   ``floor(S (k + 0.5) - 0.5)`` and the next one with torch's float32 weights;
 * ``cumsum`` over frames, accumulated in float64 and rounded to float32 as torch's CPU kernel does
   (a float32 running sum differs from it in ~90 % of entries);
+* the float64 steps (the division and the cumsum) only where the precision policy's
+  ``f0_float64`` asks for them (the float32 policy on CPU: parity); otherwise float32, the
+  cumsum as a double-float32 sum (``phase_cumsum``) that rounds like the float64 one;
 * ``* 2``, then ``* float32(pi)``, then ``* S``, each rounded to float32 (torch casts Python
   scalars to the tensor's dtype; XLA must not fold the constants); nearest upsampling by S repeats
   each frame S times.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +116,7 @@ def _downsample_taps(length: int, scale: int) -> tuple[np.ndarray, np.ndarray, n
     return i0, i1, w0, w1
 
 
-def source_signal(params: dict, f0: Array, noise: HiftNoise, *, cfg: HiftConfig) -> Array:
+def source_signal(params: dict, f0: Array, noise: HiftNoise, *, cfg: HiftConfig, float64: bool = False) -> Array:
     """``SourceModuleHnNSF.forward`` (eval, causal) on frame-rate f0: the merged excitation.
 
     Args:
@@ -120,37 +124,109 @@ def source_signal(params: dict, f0: Array, noise: HiftNoise, *, cfg: HiftConfig)
       f0: [B, T] float32 f0 in Hz (``f0_upsamp`` to sample rate happens here).
       noise: HiftNoise with ``uniform`` of at least L = T * S rows.
       cfg: hift config (static).
+      float64: the division by the sampling rate and the phase cumsum in float64 like upstream's
+        CPU run (the policy's ``f0_float64``; float32 otherwise).
 
     Returns:
       [B, L] float32 ``tanh(l_linear(sine * uv + noise))``.  Sample i depends only on f0 frames
       <= i // S, ``rand_ini`` and ``uniform[i]``, so a longer buffer leaves a prefix unchanged.
     """
     scale = cfg.upsample_scale
-    width = cfg.num_harmonic_channels
-    f0_up = jnp.repeat(f0.astype(jnp.float32), scale, axis=1)[..., None]  # [B, L, 1]
+    f0 = f0.astype(jnp.float32)
+    f0_up = jnp.repeat(f0, scale, axis=1)  # [B, L]
     length = f0_up.shape[1]
-    harmonics = jnp.arange(1, width + 1, dtype=jnp.float32)
-    fn = f0_up * harmonics  # [B, L, H]
-    with float64_scope():
-        # XLA turns x / const into x * (1 / const), which is not float32 division; float64 division
-        # rounded to float32 is (53 >= 2 * 24 + 2 bits, so the double rounding is innocuous).
-        acc = jnp.float64 if float64_available() else jnp.float32
-        fn = (fn.astype(acc) / cfg.sampling_rate).astype(jnp.float32)
-    rad = jnp.remainder(fn, jnp.float32(1.0))
+    rad = harmonic_rad(f0_up, cfg, float64)  # [B, L, H]
     rad = rad.at[:, 0, :].add(noise.rand_ini.astype(jnp.float32))
     i0, i1, w0, w1 = _downsample_taps(length, scale)
     rad_frames = rad[:, i0] * w0[:, None] + rad[:, i1] * w1[:, None]  # [B, T, H]
-    # torch's CPU cumsum accumulates float32 input in double (float32 without scoped x64).
-    with float64_scope():
-        acc = jnp.float64 if float64_available() else jnp.float32
-        phase = jnp.cumsum(rad_frames.astype(acc), axis=1).astype(jnp.float32)
-    # The barrier stops XLA from folding 2 * pi * S into one constant (one rounding instead of
-    # torch's two); folding 2 with pi is exact, so only the S multiply needs it.
+    with float64_scope(float64):
+        phase = phase_round(phase_cumsum(rad_frames, float64))
+    return merge_excitation(params, phase, f0, noise.uniform[:length], cfg)
+
+
+# The three pieces of the NSF source that the offline call above and the carried-state stream
+# (``cosyjax.hift.stream._source_window``) share; only the frame interpolation taps, the phase carry
+# and the noise indexing differ between them.
+def harmonic_rad(f0: Array, cfg: HiftConfig, float64: bool) -> Array:
+    """``(f0 * h / sr) % 1`` for harmonics h = 1..H: [...] float32 Hz -> [..., H] float32.
+
+    With ``float64`` the division runs in float64 and is rounded once to float32: XLA turns
+    x / const into x * (1 / const), which is not float32 division; float64 division rounded to
+    float32 is (53 >= 2 * 24 + 2 bits, so the double rounding is innocuous).
+    """
+    harmonics = jnp.arange(1, cfg.num_harmonic_channels + 1, dtype=jnp.float32)
+    fn = f0[..., None] * harmonics  # [..., H]
+    if float64 and float64_available():
+        with float64_scope():
+            fn = (fn.astype(jnp.float64) / cfg.sampling_rate).astype(jnp.float32)
+    else:
+        fn = fn / jnp.float32(cfg.sampling_rate)
+    return jnp.remainder(fn, jnp.float32(1.0))
+
+
+def phase_cumsum(rad_frames: Array, float64: bool) -> Any:
+    """Running sum of ``rad_frames`` [B, T, H] over T: the accumulator (call under ``float64_scope(float64)``).
+
+    ``float64`` (and available): a float64 array, as torch's CPU cumsum accumulates float32 input in
+    double.  Otherwise a double-float32 pair (hi, lo) with hi + lo the sum to ~2^-44 relative: an
+    ``associative_scan`` of error-free additions (TwoSum), so no float64 is needed (TPUs lack it)
+    and the rounded phase is, like float64's, the correctly rounded sum except within ~2^-20 ulp of
+    a rounding tie, whatever the grouping: the offline call (one scan over the utterance) and the
+    stream (a carried sum plus a scan of the chunk) then give the same float32 phase.  A plain
+    float32 cumsum would differ from it by a few ulp, grouping-dependent, at thousands of radians.
+    """
+    if float64 and float64_available():
+        return jnp.cumsum(rad_frames.astype(jnp.float64), axis=1)
+    hi = rad_frames.astype(jnp.float32)
+    return jax.lax.associative_scan(phase_add, (hi, jnp.zeros_like(hi)), axis=1)
+
+
+def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    """s = fl(a + b) and the exact error e: a + b = s + e (Knuth's TwoSum, any magnitudes)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def phase_add(x: Any, y: Any) -> Any:
+    """The sum of two accumulators of ``phase_cumsum`` (float64 arrays or (hi, lo) float32 pairs)."""
+    if not isinstance(x, tuple):
+        return x + y
+    s, e = _two_sum(x[0], y[0])
+    e = e + (x[1] + y[1])
+    hi = s + e
+    return hi, e - (hi - s)  # renormalised: hi = fl(hi + lo)
+
+
+def phase_round(acc: Any) -> Array:
+    """An accumulator rounded to the float32 phase."""
+    if isinstance(acc, tuple):
+        return acc[0] + acc[1]  # hi is already fl(hi + lo); this is the same value
+    return acc.astype(jnp.float32)
+
+
+def merge_excitation(params: dict, phase: Array, f0: Array, uniform: Array, cfg: HiftConfig) -> Array:
+    """Sines of the frame phase, voicing, noise and ``l_linear`` + tanh: the merged source [B, T * S].
+
+    Args:
+      params: ``{"l_linear": ...}``.
+      phase: [B, T, H] float32 running sum of rad (cycles / S) per frame.
+      f0: [B, T] float32 f0 (the voiced/unvoiced decision).
+      uniform: [T * S, H] or [B, T * S, H] noise of these samples.
+      cfg: hift config.
+
+    ``* 2``, ``* float32(pi)``, ``* S`` are each rounded to float32 as torch does (it casts Python
+    scalars to the tensor's dtype): the barrier stops XLA from folding 2 * pi * S into one constant
+    (folding 2 with pi is exact, so only the S multiply needs it).  Nearest upsampling by S repeats
+    each frame's sine S times.
+    """
+    scale = cfg.upsample_scale
     phase = jax.lax.optimization_barrier(phase * jnp.float32(2.0) * jnp.float32(np.pi)) * jnp.float32(scale)
-    sines = jnp.sin(jnp.repeat(phase, scale, axis=1)) * jnp.float32(cfg.nsf_alpha)  # [B, L, H]
+    sines = jnp.repeat(jnp.sin(phase) * jnp.float32(cfg.nsf_alpha), scale, axis=1)  # [B, T*S, H]
+    f0_up = jnp.repeat(f0, scale, axis=1)[..., None]  # [B, T*S, 1]
     uv = (f0_up > cfg.nsf_voiced_threshold).astype(jnp.float32)
     noise_amp = uv * jnp.float32(cfg.nsf_sigma) + (1 - uv) * jnp.float32(cfg.nsf_alpha / 3)
-    excitation = sines * uv + noise_amp * noise.uniform[:length].astype(jnp.float32)
+    excitation = sines * uv + noise_amp * uniform.astype(jnp.float32)
     lin = params["l_linear"]
     merged = jnp.einsum("blh,ho->blo", excitation, jnp.asarray(lin["kernel"], jnp.float32), precision=HIGHEST)
     return jnp.tanh(merged + jnp.asarray(lin["bias"], jnp.float32))[..., 0]

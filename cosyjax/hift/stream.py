@@ -38,9 +38,14 @@ row's counters, so all rows of a batch stream together with their own lengths.
   tail; the source runs ``c_f0`` frame(s) ahead of the emitted audio for the STFT / strided
   source convs, and the iSTFT keeps its overlap frames in the conv_post tail.
 * Phase: the NSF phase is a running sum over all frames.  The state keeps that sum per harmonic in
-  float64 (stored as its bit pattern, uint32 pairs, so the pytree does not need global x64), and a
-  push adds its frames' cumulative sum to it before rounding to float32, as upstream's float64
-  cumsum does.  Keeping the float32 phase instead would drift by up to ~1e-4.
+  the accumulator's precision: float64 where the policy's ``f0_float64`` says so (stored as its bit
+  pattern, uint32 pairs, so the pytree does not need global x64), otherwise the double-float32
+  (hi, lo) pair of ``source.phase_cumsum`` in the same two words; a push adds its frames'
+  cumulative sum to it before rounding to float32, as upstream's float64 cumsum does (keeping the
+  float32 phase instead would drift by up to ~1e-4, and a plain float32 sum would depend on how
+  the utterance is chunked).
+* Precision: the conv stacks take the policy's ``hift`` precision, as in ``generator.py``; the f0
+  net, the source, the STFT and the iSTFT run in float32 (float64 as above).
 * Noise: ``uniform[i]`` of the source is indexed by absolute sample i: generated in the push from
   the key with the same counter hash as ``source.make_noise``, or sliced from given buffers.
 * End (``finalize=True``): D zero frames follow the chunk (the look-ahead convs' zero right
@@ -84,7 +89,6 @@ Where the output can differ from upstream's streaming loop (``CosyVoice2Model.tt
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any, Mapping
@@ -98,15 +102,16 @@ from jax.extend.random import threefry_2x32
 from cosyjax.config import HiftConfig
 from cosyjax.hift.f0 import (FIRST_KERNEL, KERNEL, LOOK_AHEAD, NUM_CONVS, WeightNormConv1d, causal_padding,
                              float64_available, float64_scope)
-from cosyjax.hift.generator import (MAG_CLIP, POST_LRELU_SLOPE, Snake, look_ahead_frames, output_samples,
-                                    source_down_rates)
+from cosyjax.hift.generator import (POST_KERNEL, POST_LRELU_SLOPE, Block, Snake, hift_numerics, layout,
+                                    look_ahead_frames, output_samples, resblock_mean, source_down_rates, spectrum)
 from cosyjax.hift.istft import _irfft_basis, _overlap_add, _rfft_basis, hann_window
-from cosyjax.hift.source import HiftNoise, _unit_float, checked_buffers
+from cosyjax.hift.source import (HiftNoise, _unit_float, checked_buffers, harmonic_rad, merge_excitation, phase_add,
+                                 phase_cumsum, phase_round)
 from cosyjax.nn.conv import Conv1d
+from cosyjax.precision import FLOAT32, Precision, PrecisionPolicy
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
-POST_KERNEL = 7  # conv_post: CausalConv1d(ch, n_fft + 2, 7, causal_type='left')
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,10 +210,11 @@ class HiftStreamState:
       frames: [B] int32 mel frames received so far (M).
       finished: [B] bool, set by a ``finalize=True`` push.
       emitted: [B] int32 samples emitted so far; chunk_len: [B] int32 samples of the last push.
-      phase: [B, H, 2] uint32, the float64 bits of the running NSF phase sum (rad / 2 pi) per
-        harmonic ([B, H] float32 where jax lacks scoped float64).
+      phase: [B, H, 2] uint32, the running NSF phase sum (rad / 2 pi) per harmonic: its float64 bits
+        under a policy with ``f0_float64``, else the bits of its double-float32 (hi, lo) pair ([B, H]
+        float32 where jax lacks scoped float64).  Push a stream with one policy throughout.
       tails: {name: [B, P, C]} the last P positions of each layer's input signal before its
-        frontier (float32; the f0 net's in float64 bits, [B, P, C, 2] uint32).
+        frontier (float32; the f0 net's as [B, P, C, 2] uint32: float64 bits, or float32 bits in word 0).
       rand_ini: [H] float32; noise_key: uint32[2] counter key of ``make_noise``; uniform: [U, H]
         float32 given noise buffers (U = 0: draw from ``noise_key``).
     """
@@ -243,18 +249,12 @@ def _tail_shapes(cfg: HiftConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
     }
     for i in range(1, NUM_CONVS):
         shapes[f"f0_{2 * i}"] = ((causal_padding(KERNEL), cfg.f0_cond_channels), True)
-    kernels = len(cfg.resblock_kernel_sizes)
-    for i in range(len(cfg.upsample_rates)):
-        ch_in = cfg.base_channels // 2 ** i
-        ch = cfg.base_channels // 2 ** (i + 1)
-        shapes[f"ups_{i}"] = ((plan.tail_x[i], ch_in), False)
-        blocks = [(f"source_resblocks_{i}", cfg.source_resblock_kernel_sizes[i], cfg.source_resblock_dilation_sizes[i])]
-        blocks += [(f"resblocks_{i * kernels + j}", k, d)
-                   for j, (k, d) in enumerate(zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes))]
-        for name, k, dils in blocks:
-            for j, d in enumerate(dils):
-                shapes[f"{name}/convs1_{j}"] = ((causal_padding(k, d), ch), False)
-                shapes[f"{name}/convs2_{j}"] = ((causal_padding(k, 1), ch), False)
+    for s in layout(cfg):
+        shapes[f"ups_{s.index}"] = ((plan.tail_x[s.index], s.channels_in), False)
+        for block in (s.source_block,) + s.blocks:
+            for j, d in enumerate(block.dilations):
+                shapes[f"{block.name}/convs1_{j}"] = ((causal_padding(block.kernel, d), s.channels), False)
+                shapes[f"{block.name}/convs2_{j}"] = ((causal_padding(block.kernel, 1), s.channels), False)
     return shapes
 
 
@@ -315,17 +315,46 @@ def _as_f32(params: Mapping[str, Any]) -> Any:
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
 
 
-def _unpack64(x: Array, dtype: Any) -> Array:
-    """Stored float64 bits (uint32 [..., 2]) -> ``dtype``; call inside ``float64_scope``."""
-    if x.dtype == jnp.uint32:
-        x = jax.lax.bitcast_convert_type(x, jnp.float64)
-    return x.astype(dtype)
+def _unpack64(x: Array, use64: bool) -> Array:
+    """Stored accumulator bits (uint32 [..., 2]) -> float64 (``use64``; call inside ``float64_scope``)
+    or float32.  The layout does not depend on the policy: a float32 accumulator keeps its bits in word
+    0 (word 1 zero), so a float32-policy program holds no float64; all-zero bits are 0.0 either way.
+    Where jax lacks scoped float64 the state is plain float32."""
+    if x.dtype != jnp.uint32:
+        return x.astype(jnp.float32)
+    if use64:
+        return jax.lax.bitcast_convert_type(x, jnp.float64)
+    return jax.lax.bitcast_convert_type(x[..., 0], jnp.float32)
 
 
-def _pack64(x: Array) -> Array:
-    if float64_available():
+def _unpack_phase(x: Array, use64: bool) -> Any:
+    """The stored phase sum [B, H, 2] -> a ``phase_cumsum`` accumulator: float64 bits (``use64``) or the
+    (hi, lo) float32 pair in words 0 and 1.  Where jax lacks scoped float64: float32 [B, H], lo = 0."""
+    if x.dtype != jnp.uint32:
+        return x.astype(jnp.float32), jnp.zeros(x.shape, jnp.float32)
+    if use64:
+        return jax.lax.bitcast_convert_type(x, jnp.float64)
+    words = jax.lax.bitcast_convert_type(x, jnp.float32)
+    return words[..., 0], words[..., 1]
+
+
+def _pack_phase(acc: Any, use64: bool) -> Array:
+    """The inverse of ``_unpack_phase``."""
+    if not float64_available():
+        return phase_round(acc)
+    if use64:
+        return jax.lax.bitcast_convert_type(acc.astype(jnp.float64), jnp.uint32)
+    return jax.lax.bitcast_convert_type(jnp.stack(acc, axis=-1), jnp.uint32)
+
+
+def _pack64(x: Array, use64: bool) -> Array:
+    """The inverse of ``_unpack64``."""
+    if not float64_available():
+        return x.astype(jnp.float32)
+    if use64:
         return jax.lax.bitcast_convert_type(x.astype(jnp.float64), jnp.uint32)
-    return x.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.stack([bits, jnp.zeros_like(bits)], axis=-1)
 
 
 class _Push:
@@ -359,24 +388,28 @@ class _Push:
         return z
 
 
-def _conv(params: Any, x: Array, kernel: int, *, dilation: int = 1, stride: int = 1) -> Array:
-    """Valid (unpadded) Conv1d with the generator's params; x [B, W, C_in]."""
+def _conv(params: Any, x: Array, kernel: int, *, dilation: int = 1, stride: int = 1,
+          precision: Precision = FLOAT32) -> Array:
+    """Valid (unpadded) Conv1d with the generator's params and precision; x [B, W, C_in]."""
     features = params["bias"].shape[0]
-    return Conv1d(features, kernel, padding=(0, 0), dilation=dilation, stride=stride).apply({"params": params}, x)
+    return Conv1d(features, kernel, padding=(0, 0), dilation=dilation, stride=stride,
+                  precision=precision).apply({"params": params}, x)
 
 
 def _snake(params: Any, x: Array) -> Array:
     return Snake(x.shape[-1]).apply({"params": params}, x)
 
 
-def _resblock(push: _Push, name: str, params: Any, x: Array, kernel: int, dilations: tuple[int, ...], rate: int,
-              offset: int) -> Array:
-    """``ResBlock`` on a window [B, W, C] at position rate * E_old + offset, with cached left context."""
-    for j, d in enumerate(dilations):
+def _resblock(push: _Push, block: Block, all_params: Any, x: Array, rate: int, offset: int,
+              precision: Precision) -> Array:
+    """``ResBlock`` ``block`` on a window [B, W, C] at position rate * E_old + offset, with cached left
+    context."""
+    name, kernel, params = block.name, block.kernel, all_params[block.name]
+    for j, d in enumerate(block.dilations):
         t = push.extend(f"{name}/convs1_{j}", _snake(params[f"activations1_{j}"], x), rate)
-        t = push.zero_before_start(_conv(params[f"convs1_{j}"], t, kernel, dilation=d), rate, offset)
+        t = push.zero_before_start(_conv(params[f"convs1_{j}"], t, kernel, dilation=d, precision=precision), rate, offset)
         t = push.extend(f"{name}/convs2_{j}", _snake(params[f"activations2_{j}"], t), rate)
-        t = push.zero_before_start(_conv(params[f"convs2_{j}"], t, kernel), rate, offset)
+        t = push.zero_before_start(_conv(params[f"convs2_{j}"], t, kernel, precision=precision), rate, offset)
         x = t + x
     return x
 
@@ -385,18 +418,18 @@ def _f0_window(push: _Push, params: Any, z_mel: Array, plan: StreamPlan, width: 
     """F0Predictor on frames [E_old + c_f0, + W): [B, W] float32, zero before frame 0."""
     dtype = jnp.float64 if use64 else jnp.float32
     start = plan.c_f0 - (plan.delay - plan.tail_mel)
-    with float64_scope() if float64_available() else contextlib.nullcontext():
+    with float64_scope(use64):
         x = z_mel[:, start:start + width + LOOK_AHEAD]
         x = WeightNormConv1d(params["condnet_0"]["bias"].shape[0], FIRST_KERNEL, padding=(0, 0), dtype=dtype).apply(
             {"params": params["condnet_0"]}, x)
         x = push.zero_before_start(jax.nn.elu(x), 1, plan.c_f0)
         for i in range(1, NUM_CONVS):
             name = f"f0_{2 * i}"
-            tail = _unpack64(push.tails_in[name], dtype)
+            tail = _unpack64(push.tails_in[name], use64)
             z = jnp.concatenate([tail, x], axis=1)
             size = tail.shape[1]
             push.tails_out[name] = _pack64(jax.vmap(
-                lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, size, axis=0))(z, push.advance))
+                lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, size, axis=0))(z, push.advance), use64)
             x = WeightNormConv1d(x.shape[-1], KERNEL, padding=(0, 0), dtype=dtype).apply(
                 {"params": params[f"condnet_{2 * i}"]}, z)
             x = push.zero_before_start(jax.nn.elu(x), 1, plan.c_f0)
@@ -406,22 +439,18 @@ def _f0_window(push: _Push, params: Any, z_mel: Array, plan: StreamPlan, width: 
 
 
 def _source_window(push: _Push, state: HiftStreamState, params: Any, f0: Array, cfg: HiftConfig,
-                   plan: StreamPlan) -> tuple[Array, Array]:
+                   plan: StreamPlan, use64: bool) -> tuple[Array, Array]:
     """NSF source for the f0 window's samples: ([B, W * S] float32, new phase carry).
 
-    Same float32 operations as ``source.source_signal``; the cumsum starts from the carried
-    float64 sum instead of 0, and noise is read at absolute sample positions.
+    The NSF of ``source.source_signal`` (``harmonic_rad``, ``phase_cumsum``, ``merge_excitation``:
+    one implementation); here the interpolation taps are per absolute frame, the cumsum starts from
+    the carried sum (float64 when ``use64``) instead of 0, and noise is read at absolute sample positions.
     """
     scale = cfg.upsample_scale
     width = cfg.num_harmonic_channels
     batch, frames = f0.shape
     frame_pos = push.pos(1, plan.c_f0, frames)  # [B, W]
-    harmonics = jnp.arange(1, width + 1, dtype=jnp.float32)
-    fn = f0[..., None] * harmonics  # [B, W, H]
-    with float64_scope():
-        acc = jnp.float64 if float64_available() else jnp.float32
-        fn = (fn.astype(acc) / cfg.sampling_rate).astype(jnp.float32)
-    rad = jnp.remainder(fn, jnp.float32(1.0))
+    rad = harmonic_rad(f0, cfg, use64)  # [B, W, H]
     # F.interpolate(linear, 1/S) taps of this absolute frame, in float32 as torch computes them;
     # both taps lie inside the frame (S >= 3), where every sample holds the same rad value.
     step = np.float32(1.0 / (1.0 / scale))
@@ -436,23 +465,14 @@ def _source_window(push: _Push, state: HiftStreamState, params: Any, f0: Array, 
     v1 = jnp.where((i0 + 1 == 0)[..., None], rad + ini, rad)
     rad_frames = v0 * w0[..., None] + v1 * w1[..., None]  # [B, W, H]
     rad_frames = jnp.where((frame_pos >= 0)[..., None], rad_frames, 0.0)
-    with float64_scope():
-        if float64_available():
-            carry = jax.lax.bitcast_convert_type(state.phase, jnp.float64)  # [B, H]
-            csum = jnp.cumsum(rad_frames.astype(jnp.float64), axis=1)
-        else:
-            carry = state.phase
-            csum = jnp.cumsum(rad_frames, axis=1)
-        total = carry[:, None, :] + csum  # [B, W, H]
-        last = jnp.take_along_axis(total, jnp.clip(push.advance - 1, 0, frames - 1)[:, None, None], axis=1)[:, 0]
-        new_carry = jnp.where((push.advance > 0)[:, None], last, carry)
-        new_carry = jax.lax.bitcast_convert_type(new_carry, jnp.uint32) if float64_available() else new_carry
-        phase = total.astype(jnp.float32)
-    phase = jax.lax.optimization_barrier(phase * jnp.float32(2.0) * jnp.float32(np.pi)) * jnp.float32(scale)
-    sines = jnp.repeat(jnp.sin(phase) * jnp.float32(cfg.nsf_alpha), scale, axis=1)  # [B, W*S, H]
-    f0_up = jnp.repeat(f0, scale, axis=1)[..., None]  # [B, W*S, 1]
-    uv = (f0_up > cfg.nsf_voiced_threshold).astype(jnp.float32)
-    noise_amp = uv * jnp.float32(cfg.nsf_sigma) + (1 - uv) * jnp.float32(cfg.nsf_alpha / 3)
+    with float64_scope(use64):
+        carry = _unpack_phase(state.phase, use64)  # [B, H]
+        total = phase_add(jax.tree.map(lambda c: c[:, None, :], carry), phase_cumsum(rad_frames, use64))  # [B, W, H]
+        at = jnp.clip(push.advance - 1, 0, frames - 1)[:, None, None]
+        last = jax.tree.map(lambda t: jnp.take_along_axis(t, at, axis=1)[:, 0], total)
+        moved = (push.advance > 0)[:, None]
+        new_carry = _pack_phase(jax.tree.map(lambda a, b: jnp.where(moved, a, b), last, carry), use64)
+        phase = phase_round(total)
     sample_pos = jnp.maximum(push.pos(scale, scale * plan.c_f0, frames * scale), 0)  # [B, W*S]
     if state.uniform.shape[0]:
         uniform = state.uniform[jnp.minimum(sample_pos, state.uniform.shape[0] - 1)]  # [B, W*S, H]
@@ -461,10 +481,7 @@ def _source_window(push: _Push, state: HiftStreamState, params: Any, f0: Array, 
                     + jnp.arange(width, dtype=jnp.uint32)).reshape(-1)
         bits = threefry_2x32(state.noise_key, jnp.concatenate([counters, jnp.zeros_like(counters)]))
         uniform = _unit_float(bits[:counters.shape[0]]).reshape(batch, frames * scale, width)
-    excitation = sines * uv + noise_amp * uniform
-    lin = params["l_linear"]
-    merged = jnp.einsum("blh,ho->blo", excitation, lin["kernel"], precision=HIGHEST)
-    return jnp.tanh(merged + lin["bias"])[..., 0], new_carry
+    return merge_excitation(params, phase, f0, uniform, cfg), new_carry
 
 
 def _stft_window(push: _Push, z_src: Array, plan: StreamPlan, cfg: HiftConfig, frames: int,
@@ -485,9 +502,9 @@ def _stft_window(push: _Push, z_src: Array, plan: StreamPlan, cfg: HiftConfig, f
     return push.zero_before_start(spec, big_r, plan.c_stft)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "f0_float64"))
+@functools.partial(jax.jit, static_argnames=("cfg", "precision", "f0_float64"))
 def _stream_core(params: Mapping[str, Any], state: HiftStreamState, mel: Array, num_new: Array, finalize: Array, *,
-                 cfg: HiftConfig, f0_float64: bool) -> tuple[HiftStreamState, Array]:
+                 cfg: HiftConfig, precision: Precision, f0_float64: bool) -> tuple[HiftStreamState, Array]:
     """One push: padded chunk mel [B, N, C], ``num_new`` [B] valid frames, ``finalize`` [B] bool.
 
     Returns (state, audio [B, (N + D) S]) with each row's new samples at the front.  The window is
@@ -496,8 +513,6 @@ def _stream_core(params: Mapping[str, Any], state: HiftStreamState, mel: Array, 
     """
     params = _as_f32(params)
     plan = stream_plan(cfg)
-    rates = tuple(cfg.upsample_rates)
-    stages = len(rates)
     scale, hop, n_fft = cfg.upsample_scale, cfg.hop_len, cfg.n_fft
     big_r = scale // hop
     delay = plan.delay
@@ -515,7 +530,7 @@ def _stream_core(params: Mapping[str, Any], state: HiftStreamState, mel: Array, 
     # mel -> f0 -> NSF source -> STFT
     z_mel = push.extend("mel", mel, 1)
     f0 = _f0_window(push, params["f0_predictor"], z_mel, plan, width, use64)  # [B, W]
-    source, new_phase = _source_window(push, state, params["m_source"], f0, cfg, plan)  # [B, W*S]
+    source, new_phase = _source_window(push, state, params["m_source"], f0, cfg, plan, use64)  # [B, W*S]
     z_src = push.extend("source", source[..., None], scale)[..., 0]
     s_stft = _stft_window(push, z_src, plan, cfg, big_r * width, scale * total_frames, finalize)
     z_stft = push.extend("stft", s_stft, big_r)  # starts at R E_old + c_stft - tail_stft
@@ -523,11 +538,11 @@ def _stream_core(params: Mapping[str, Any], state: HiftStreamState, mel: Array, 
     # conv_pre (look-ahead conv_pre_look_right) on the held-back mel
     start = plan.c_pre - (delay - plan.tail_mel)
     x = _conv(params["conv_pre"], z_mel[:, start:start + width + cfg.conv_pre_look_right],
-              cfg.conv_pre_look_right + 1)
+              cfg.conv_pre_look_right + 1, precision=precision)
     x = push.zero_before_start(x, 1, plan.c_pre)  # X_{-1}: [B, W, base]
     c_prev, rate_prev = plan.c_pre, 1
-    kernels = len(cfg.resblock_kernel_sizes)
-    for i, (r, k, u) in enumerate(zip(rates, cfg.upsample_kernel_sizes, source_down_rates(cfg))):
+    for stage in layout(cfg):  # the decoder's stages, as HiFTGenerator.decode runs them
+        i, r, k, u = stage.index, stage.rate, stage.up_kernel, stage.down_rate
         rate = rate_prev * r
         c_i, c_u = plan.c_stage[i], plan.c_ups[i]
         # ups_i: nearest x r, then the left-causal conv; the window reads leaky(X_{i-1}) from lo on.
@@ -535,8 +550,9 @@ def _stream_core(params: Mapping[str, Any], state: HiftStreamState, mel: Array, 
         lo = (c_u - k + 1) // r
         z = z[:, lo - (c_prev - plan.tail_x[i]):]
         z = jnp.repeat(z, r, axis=1)[:, c_u - k + 1 - r * lo:][:, :rate * width + k - 1]
-        up = push.zero_before_start(_conv(params[f"ups_{i}"], z, k), rate, c_u)  # U_i from rate E_old + c_u
-        if i == stages - 1:
+        up = _conv(params[f"ups_{i}"], z, k, precision=precision)
+        up = push.zero_before_start(up, rate, c_u)  # U_i from rate E_old + c_u
+        if stage.last:
             # V[m] = U[m - 1], and V[0] = U[1] (ReflectionPad1d((1, 0))).
             z_up = push.extend("ups_last", up, rate)  # starts at rate E_old + c_i - 1
             shifted = z_up[:, :rate * width]
@@ -549,30 +565,22 @@ def _stream_core(params: Mapping[str, Any], state: HiftStreamState, mel: Array, 
         z_start = plan.c_stft - plan.tail_stft
         if u == 1:
             s_in = z_stft[:, c_i - z_start:c_i - z_start + rate * width]
-            down = _conv(params[f"source_downs_{i}"], s_in, 1)
+            down = _conv(params[f"source_downs_{i}"], s_in, 1, precision=precision)
         else:
             s0 = u * c_i - u + 1 - z_start
-            down = _conv(params[f"source_downs_{i}"], z_stft[:, s0:s0 + big_r * width + u], 2 * u, stride=u)
+            down = _conv(params[f"source_downs_{i}"], z_stft[:, s0:s0 + big_r * width + u], 2 * u, stride=u,
+                         precision=precision)
         down = push.zero_before_start(down, rate, c_i)
-        si = _resblock(push, f"source_resblocks_{i}", params[f"source_resblocks_{i}"], down,
-                       cfg.source_resblock_kernel_sizes[i], tuple(cfg.source_resblock_dilation_sizes[i]), rate, c_i)
-        y = up + si
-        xs = None
-        for j, (kk, dd) in enumerate(zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)):
-            name = f"resblocks_{i * kernels + j}"
-            yy = _resblock(push, name, params[name], y, kk, tuple(dd), rate, c_i)
-            xs = yy if xs is None else xs + yy
-        x = xs / kernels
+        y = up + _resblock(push, stage.source_block, params, down, rate, c_i, precision)
+        x = resblock_mean([_resblock(push, b, params, y, rate, c_i, precision) for b in stage.blocks])
         c_prev, rate_prev = c_i, rate
 
     # conv_post, then the iSTFT over frames [R E_old - a, ...)
     z = push.extend("post_in", jax.nn.leaky_relu(x, POST_LRELU_SLOPE), big_r)
-    post = _conv(params["conv_post"], z, POST_KERNEL)  # [B, R W, N + 2] from R E_old + c_post
+    post = _conv(params["conv_post"], z, POST_KERNEL, precision=precision)  # [B, R W, N + 2]
     z_post = push.extend("post", post, big_r)
     a = plan.istft_ctx
-    bins = n_fft // 2 + 1
-    magnitude = jnp.minimum(jnp.exp(z_post[..., :bins]), jnp.float32(MAG_CLIP))
-    phase = jnp.sin(z_post[..., bins:])
+    magnitude, phase = spectrum(z_post, cfg)
     spec = jnp.concatenate([magnitude * jnp.cos(phase), magnitude * jnp.sin(phase)], axis=-1)
     window = hann_window(n_fft)
     frames = jnp.einsum("bfk,kn->bfn", spec, _irfft_basis(n_fft), precision=HIGHEST) * window  # [B, F, N]
@@ -612,7 +620,7 @@ def _stream_core(params: Mapping[str, Any], state: HiftStreamState, mel: Array, 
 # --------------------------------------------------------------------------------------------
 def hift_stream_push(params: Mapping[str, Any], state: HiftStreamState, mel_chunk: Any, *, cfg: HiftConfig,
                      finalize: Any = False, chunk_len: Any = None, bucket: int | None = None,
-                     f0_float64: bool = True) -> tuple[HiftStreamState, Any]:
+                     policy: PrecisionPolicy | str | None = None) -> tuple[HiftStreamState, Any]:
     """Feed the next mel frames of every row; get the audio that became final.
 
     Args:
@@ -626,7 +634,8 @@ def hift_stream_push(params: Mapping[str, Any], state: HiftStreamState, mel_chun
       chunk_len: optional [B] valid frames per row (default n each); a row may pass 0.
       bucket: padded chunk length (static; default ``stream_bucket(n)``), >= n.  Every push with
         the same bucket shares one compiled function, finalizing or not.
-      f0_float64: run the f0 net in float64 like upstream.
+      policy: the precision policy, as for ``hift_inference`` (the conv stacks' precision and the
+        float64 switch of the f0 net and NSF phase; use the same policy for every push of a stream).
 
     Returns:
       (state, audio [B, n_out]) with n_out the longest row's new sample count; shorter rows are
@@ -692,7 +701,9 @@ def hift_stream_push(params: Mapping[str, Any], state: HiftStreamState, mel_chun
                          f"{cfg.upsample_scale * int(total.max())} after this push")
     padded = np.zeros((batch, size, c), np.float32)
     padded[:, :n] = np.where(valid[:, :, None], mel, 0.0)[:, :size]
-    new_state, audio = _stream_core(params, state, padded, lengths, fin, cfg=cfg, f0_float64=bool(f0_float64))
+    precision, use64 = hift_numerics(policy)
+    new_state, audio = _stream_core(params, state, padded, lengths, fin, cfg=cfg, precision=precision,
+                                    f0_float64=use64)
     delay = stream_plan(cfg).delay
     start = np.where(finished, frames, frames - delay)
     end = np.where(fin | finished, total, total - delay)

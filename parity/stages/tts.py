@@ -39,7 +39,7 @@ def _model(case: Case, model: ConvertedModel) -> CosyVoice3Model:
     ref = case.group("tts")
     sine = np.concatenate([case.arrays["hift/noise_sine_waves"], ref["noise_sine_waves_tail"]], axis=1)
     noise = HiftNoise(np.asarray(ref["noise_rand_ini"], np.float32), np.asarray(sine, np.float32))
-    return CosyVoice3Model(model, hift_noise=noise)
+    return CosyVoice3Model(model, bf16.policy_for(model), hift_noise=noise)
 
 
 def _inputs(case: Case) -> dict:
