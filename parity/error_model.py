@@ -27,7 +27,13 @@ What is not a float32 weight is handled where it arises:
 - Float32 *constants* computed by a formula round like weights.  torch's float32 ``exp`` is not
   correctly rounded (1 ulp in ~1/128 entries of the DiT timestep frequencies, multiplied by
   1000 t), so the DiT-alone group also moves its timestep input by one ulp in a probe: for
-  ``1000 t f`` that is the same relative change as moving every frequency by one ulp.
+  ``1000 t f`` that is the same relative change as moving every frequency by one ulp.  Paths that
+  run the whole solver (the flow's mel, the end-to-end requests) move the frequencies themselves by
+  one ulp in each probe (``rounded_constants``).  That error is not like a weight's: the timestep
+  embedding is added to every frame, so it shifts the whole mel coherently, the HiFT f0 follows, and
+  the NSF phase sums the shift over every sample instead of averaging it out.  Measured on a random
+  config (seed 106 of tests/test_random_configs.py): one-ulp weight probes moved the end-to-end
+  audio by 1.2e-5, frequency probes by 3.3e-5, and upstream differed from us by 1.1e-4.
 - Exact quantities (copies, ids, lengths, flags, masks) are compared exactly, not through this.
 
 KAPPA.  ``|ours - ref|`` is the difference of two independent rounding patterns, sqrt(2) times the
@@ -40,8 +46,9 @@ weight reaches (sigma = 0) still allows its own rounding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -81,19 +88,49 @@ def perturb_model(model: Any, seed: int, skip: Callable[[str], bool] = lambda pa
     return dataclasses.replace(model, params=ulp_perturb(model.params, seed, skip))
 
 
+@contextlib.contextmanager
+def rounded_constants(seed: int | None) -> Iterator[None]:
+    """Inside the block, the DiT's timestep frequencies (a float32 ``exp`` that torch rounds its own
+    way) are moved by one ulp per entry (random direction, ``seed``); ``None`` leaves them as they are.
+
+    The frequencies are a constant of the traced programs, so jax's caches are cleared on the way in
+    and out: the programs compiled inside see the moved frequencies and none of them outlives the block.
+    """
+    if seed is None:
+        yield
+        return
+    from cosyjax.flow import dit
+
+    exact = dit.timestep_frequencies
+
+    def moved(freq_dim: int) -> np.ndarray:
+        return np.asarray(ulp_perturb({"f": exact(freq_dim)}, 20_000 + seed)["f"], np.float32)
+
+    jax.clear_caches()
+    dit.timestep_frequencies = moved
+    try:
+        yield
+    finally:
+        dit.timestep_frequencies = exact
+        jax.clear_caches()
+
+
 def probe_sigmas(compute: Callable[[Any, int | None], Mapping[str, np.ndarray]], model: Any, *,
-                 skip: Callable[[str], bool] = lambda path: False, probes: int = PROBES
-                 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                 skip: Callable[[str], bool] = lambda path: False, probes: int = PROBES,
+                 constants: bool = False) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Run ``compute(model, None)`` and ``probes`` perturbed runs ``compute(perturbed, seed)``.
 
     ``compute`` returns our outputs by name; given a seed it may also perturb float inputs that
-    stand for rounded constants (see the module docstring).  Returns (base outputs, sigma per float
-    output: the largest |probe - base| over the finite entries and probes).
+    stand for rounded constants (see the module docstring).  ``constants``: the probes also move the
+    DiT's timestep frequencies (``rounded_constants``; for computations that run the flow solver).
+    Returns (base outputs, sigma per float output: the largest |probe - base| over the finite
+    entries and probes).
     """
     base = {k: np.asarray(v) for k, v in compute(model, None).items()}
     sigma = {k: 0.0 for k, v in base.items() if np.issubdtype(v.dtype, np.floating)}
     for seed in range(1, probes + 1):
-        out = compute(perturb_model(model, seed, skip), seed)
+        with rounded_constants(seed if constants else None):
+            out = compute(perturb_model(model, seed, skip), seed)
         for k in sigma:
             moved = np.asarray(out[k], np.float64)
             if moved.shape != base[k].shape:
@@ -154,4 +191,5 @@ def kl_bound(tau: float) -> float:
 
 
 __all__ = ["EPS32", "KAPPA", "PROBES", "describe", "kl_bound", "logit_tie_margin", "perturb_input",
-           "perturb_model", "probe_sigmas", "probe_tolerance", "tolerance", "ulp_floor", "ulp_perturb"]
+           "perturb_model", "probe_sigmas", "probe_tolerance", "rounded_constants", "tolerance", "ulp_floor",
+           "ulp_perturb"]
