@@ -7,7 +7,8 @@
 Extra stages, only when named in --stages: hift_stream, flow_stream, batch (``cosyjax batch`` throughput
 on a 64-line manifest per batch size, tiny release dims: see benchmarks/batch.py), first_chunk (a streamed
 zero-shot request's first chunk, per stage, new voice with the jax / onnx prompt models and a cached voice,
-tiny release: see benchmarks/first_chunk.py).
+tiny release: see benchmarks/first_chunk.py), serve (``cosyjax serve`` under concurrent streamed HTTP
+requests vs one at a time, tiny release: see benchmarks/serve.py).
 
 Stages always run in the order llm, flow, hift, e2e, stream, in one process that builds each random
 model once: the stage rows compile the programs the e2e request uses (same padded shapes), so e2e
@@ -57,6 +58,9 @@ CPU_COST = {
     # AMD 2-core); upstream_build: its CosyVoice3 on the tiny release (--reference-repo)
     "first_chunk": 60.0,
     "upstream_build": 20.0,
+    # serve stage: tiny release, 16 requests x (3 sequential passes + server start-up + 4 server passes), 711 s
+    # and 754 s (2026-12-04, AMD 2-core, load 2-9 from other jobs)
+    "serve": 730.0,
 }
 
 
@@ -175,6 +179,8 @@ def estimate(wl: Workload, stages: list[str], reference: bool, isolate: bool = F
         est["flow_stream"] = t
     if "first_chunk" in stages:
         est["first_chunk"] = CPU_COST["first_chunk"] + (CPU_COST["upstream_build"] if reference else 0.0)
+    if "serve" in stages:
+        est["serve"] = CPU_COST["serve"]
     if "batch" in stages:
         est["batch"] = 5.0 + sum(_interp(c["batch_s"], b) for b in wl.batch_sizes)
     if isolate:
@@ -251,6 +257,11 @@ def _notes(wl: Workload, reference: bool, stages: list[str]) -> list[str]:
                      "chunk (best of the timed requests after a warm-up); the per-stage seconds are in each row's "
                      "extra.breakdown_s, the prefilled LLM positions in extra.prefill_tokens (see "
                      "benchmarks/first_chunk.py).")
+    if "serve" in stages:
+        notes.append("Serve: the real cosyjax serve app (engine) under uvicorn on 127.0.0.1, streamed HTTP requests "
+                     "of a fixed seeded mix at each concurrency (value: requests/s; audio-s/s and first-chunk "
+                     "p50/p99 in the outputs column); baseline: the same requests as sequential pipeline calls "
+                     "without the engine; tiny release (see benchmarks/serve.py).")
     if not reference:
         notes.append("No --reference-repo: cosyjax only, random weights drawn in numpy.")
     return notes

@@ -130,6 +130,43 @@ def test_quick_first_chunk_stage(tmp_path):
     assert e_cached["llm_tokens"] == e_new["llm_tokens"]
 
 
+def test_quick_serve_stage(tmp_path):
+    """The extra ``serve`` stage (--quick: 2 requests on the tiny release, the real app under uvicorn on
+    127.0.0.1): a baseline row and a row per concurrency, finite positive throughput and latencies, no compile
+    inside the timed runs, and the server's PCM identical to the sequential pipeline's for every request."""
+    from benchmarks.serve import CONCURRENCY, REQUESTS
+
+    out_json = tmp_path / "bench.json"
+    proc = _run("--quick", "--stages", "serve", "--json", str(out_json), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert result["errors"] == []
+    rows = result["rows"]
+    levels = CONCURRENCY[True]
+    assert [r["name"] for r in rows] == (["Serve baseline, one at a time"]
+                                         + [f"Serve engine, concurrency {c}" for c in levels])
+    n = REQUESTS[True]
+    for row in rows:
+        extra = row["extra"]
+        assert row["unit"] == "req/s" and row["cosyjax_timed_compiles"] == 0, row
+        assert row["cosyjax"] == pytest.approx(extra["requests_per_s"]), row
+        assert extra["requests_per_s"] == pytest.approx(n / extra["wall_s"]), row
+        for key in ("requests_per_s", "audio_s_per_s", "audio_s", "first_chunk_p50_s", "first_chunk_p99_s"):
+            assert math.isfinite(extra[key]) and extra[key] > 0, (key, row)
+        assert extra["first_chunk_p50_s"] <= extra["first_chunk_p99_s"] <= extra["first_chunk_max_s"] < extra["wall_s"]
+        assert extra["requests"] == n and row["cosyjax_warmup_s"] > 0, row
+    base, engine = rows[0], rows[1:]
+    passes = base["extra"]["pass_requests_per_s"]  # timed before and after the server; the row is the faster
+    assert len(passes) == 2 and base["cosyjax"] == pytest.approx(max(passes))
+    assert base["extra"]["pcm_equal_between_passes"] == n
+    assert [r["extra"]["concurrency"] for r in engine] == list(levels)
+    for row in engine:
+        assert row["extra"]["pcm_equal_to_baseline"] == n, row  # same seeds: the engine's audio is the plain model's
+        assert row["extra"]["audio_s"] == pytest.approx(base["extra"]["audio_s"])
+        assert row["extra"]["throughput_ratio_vs_baseline"] == pytest.approx(row["cosyjax"] / base["cosyjax"])
+        assert row["extra"]["slots"] == max(levels)
+
+
 def test_bad_arguments_are_refused():
     proc = _run("--stages", "llm,vocoder", "--dry-run", timeout=120)
     assert proc.returncode == 2 and "vocoder" in proc.stderr
