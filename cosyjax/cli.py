@@ -316,6 +316,19 @@ LLM_FILE_HELP = ("LLM checkpoint in the release to convert: llm.pt (upstream's c
                  "(the 2512 release's RL-tuned LLM); with --converted-dir it is what that dir was made from")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options that load a pipeline (tts, serve, webui): release, converted copy, precision, backend."""
+    p.add_argument("--model-dir", default="FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
+                   help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
+    p.add_argument("--converted-dir", default=None,
+                   help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="precision policy: float32 (upstream's numerics), bfloat16 (bf16 matmuls/convs, float32 "
+                        "accumulation), auto (float32 on CPU, bfloat16 on GPU/TPU; default)")
+    p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
+    p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosyjax", description="CosyVoice3 in JAX/Flax.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,8 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tts", help="synthesise speech (zero-shot, cross-lingual, instruct2, voice conversion)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default="FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
-                   help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
+    _add_model_args(p)
     p.add_argument("--text", default="", help="text to speak")
     p.add_argument("--prompt-wav", help="recording of the voice to clone (wav/flac/ogg)")
     p.add_argument("--prompt-text", help="zero-shot: transcript of --prompt-wav, after '<|endofprompt|>' "
@@ -340,13 +352,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="stream (upstream's chunk schedule), print chunk times")
     p.add_argument("--speed", type=float, default=1.0, help="speaking rate (non-stream only)")
     p.add_argument("--seed", type=int, default=0, help="one PRNG key per request: same seed, same audio")
-    p.add_argument("--converted-dir", default=None,
-                   help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="precision policy: float32 (upstream's numerics), bfloat16 (bf16 matmuls/convs, float32 "
-                        "accumulation), auto (float32 on CPU, bfloat16 on GPU/TPU; default)")
-    p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
-    p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
     p.add_argument("-o", "--output", required=True, help="output wav (24 kHz, written atomically)")
     p.add_argument("--warmup", action="store_true",
                    help="compile every program the limits allow first (and report how many and how long)")
@@ -422,15 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP server: upstream's FastAPI routes (int16 PCM), OpenAI-compatible "
                             "/v1/audio/speech, /speakers, /synthesize, /metrics; requests batched on one engine",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default="FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
-                   help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
-    p.add_argument("--converted-dir", default=None,
-                   help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="precision policy: float32 (upstream's numerics), bfloat16 (bf16 matmuls/convs, float32 "
-                        "accumulation), auto (float32 on CPU, bfloat16 on GPU/TPU; default)")
-    p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
-    p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
+    _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface, "
                         "then set --api-key)")
@@ -464,14 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("webui", help="Gradio web page (upstream's demo): every mode, streamed playback, cached voices",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default="FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
-                   help="release directory or Hugging Face Hub id (downloaded once; offline: pass a local dir)")
-    p.add_argument("--converted-dir", default=None,
-                   help="output of `cosyjax convert` (default: convert on first use, cached next to the model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="precision policy (auto: float32 on CPU, bfloat16 on GPU/TPU)")
-    p.add_argument("--llm-file", default="llm.pt", help=LLM_FILE_HELP)
-    p.add_argument("--backend", default=None, help="JAX platform: cpu, gpu or tpu (default: JAX's default)")
+    _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
