@@ -11,6 +11,10 @@ program the documented limits can reach; after it, a request inside the limits c
 The same (fn, shapes, static) triples are what ``jax.export`` needs, so ``ProgramCache.specs`` also
 lists them for ``cosyjax export-programs``.
 
+A cache belongs to one device: the key holds shapes and static arguments, not where the arguments live,
+and an executable runs only on the device it was compiled for (a model copy on another device gets a
+cache of its own, as ``cosyjax.batch`` does).
+
 Thread safety: lookups and inserts take a lock; two threads compiling the same program at once
 compile it twice and keep one (harmless, and only before warm-up).
 """

@@ -506,8 +506,11 @@ class _Worker:
 
 def _replicas(tts: Any, devices: Sequence[Any]) -> list[Any]:
     """One ``CosyVoice3Model`` per device: ``tts.model`` itself on its own device, shallow copies with the
-    params placed on the others (nothing else in the model is per-device state)."""
+    params placed on the others and a program cache of their own (a compiled program is tied to the
+    device it was compiled for; the cache keys on shapes, not devices)."""
     import jax
+
+    from cosyjax.programs import ProgramCache
 
     models = []
     for device in devices:
@@ -516,6 +519,7 @@ def _replicas(tts: Any, devices: Sequence[Any]) -> list[Any]:
         else:
             model = copy.copy(tts.model)
             model.params = jax.device_put(tts.model.params, device)
+            model.programs = ProgramCache()
             models.append(model)
     return models
 
