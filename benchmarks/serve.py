@@ -84,8 +84,8 @@ def request_mix(n: int, max_words: int, seed: int) -> list[dict[str, Any]]:
 
 
 def _pcm16(audio: np.ndarray) -> bytes:
-    """The server's wire conversion (``cosyjax.server.to_pcm16``)."""
-    from cosyjax.server import to_pcm16
+    """The server's wire conversion (``cosyjax.serving.pcm.to_pcm16``)."""
+    from cosyjax.serving.pcm import to_pcm16
 
     return to_pcm16(audio)
 

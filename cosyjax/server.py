@@ -109,8 +109,10 @@ except ImportError as e:  # the server is an optional extra
     raise ImportError(INSTALL_HINT) from e
 
 from cosyjax.frontend.audio import load_audio
-from cosyjax.serving.engine import DeadlineExceeded, EngineConfig, EngineStopped, QueueFull, RequestCancelled
+from cosyjax.serving.engine import (DeadlineExceeded, EngineConfig, EngineStopped, HandleGroup, QueueFull,
+                                    RequestCancelled)
 from cosyjax.serving.openai import add_routes as add_openai_routes, encode_audio
+from cosyjax.serving.pcm import to_pcm16
 from cosyjax.serving.speakers import SPK_ID, SpeakerExists, SpeakerRegistry, check_spk_id
 
 if TYPE_CHECKING:
@@ -145,19 +147,6 @@ Speed = Annotated[float, Form()]
 SpkId = Annotated[str, Form()]
 Language = Annotated[str, Form()]
 Strict = Annotated[bool, Form()]
-
-
-def to_pcm16(audio: np.ndarray) -> bytes:
-    """Upstream's wire conversion: float audio -> int16 little-endian bytes.
-
-    Args:
-      audio: [1, T] or [T] float waveform in [-1, 1).
-    Returns:
-      2*T bytes: ``(x * 2**15).astype(int16)``, truncated toward zero as upstream; out-of-range
-      values are clipped to the int16 range instead of wrapping around.
-    """
-    scaled = np.asarray(audio, np.float32).reshape(-1) * np.float32(2 ** 15)
-    return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
 
 
 @dataclass(frozen=True)
@@ -197,40 +186,18 @@ class _Job:
         self.first_chunk: float | None = None
         self.samples = 0
         self.outcome = "running"
-        self._handle = None
-        self._lock = threading.Lock()
-
-    def attach(self, handle: Any) -> None:
-        """The engine handle of the segment running now (cancelled with the job)."""
-        with self._lock:
-            self._handle = handle
-            if self.cancelled.is_set():
-                handle.cancel()
+        # the engine requests its thread submits (Engine.collect_handles), cancelled with the job
+        self.handles = HandleGroup()
 
     def cancel(self) -> None:
-        with self._lock:
-            self.cancelled.set()
-            if self._handle is not None:
-                self._handle.cancel()
+        self.cancelled.set()
+        self.handles.cancel()
 
     def put(self, item: Any) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody listens any more
             self.cancel()
-
-
-class _Handles(list):
-    """The engine handles a job's thread submits (``Engine.collect_handles``): each is attached to the
-    job as it is appended, so a client disconnect cancels the engine request at once."""
-
-    def __init__(self, job: _Job):
-        super().__init__()
-        self.job = job
-
-    def append(self, handle: Any) -> None:
-        super().append(handle)
-        self.job.attach(handle)
 
 
 class _ClientGone(Exception):
@@ -355,7 +322,7 @@ class _Server:
         gen = None
         collect = getattr(self.engine, "collect_handles", None)
         try:
-            with collect(_Handles(job)) if collect is not None else contextlib.nullcontext():
+            with collect(job.handles) if collect is not None else contextlib.nullcontext():
                 gen = job.start()
                 for out in gen:
                     audio = np.asarray(out["tts_speech"], np.float32).reshape(-1)

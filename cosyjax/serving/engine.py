@@ -142,6 +142,30 @@ class Handle:
         self._queue.put(error if error is not None else _END)
 
 
+class HandleGroup(list):
+    """The handles of one caller's requests (a pipeline call submits one per text segment; see
+    ``Engine.collect_handles``).  ``cancel()`` cancels every request in it, and any added afterwards
+    as soon as it is added, so a server can stop a whole call when its client goes away."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+        self.cancelled = False
+
+    def append(self, handle: Handle) -> None:
+        with self._lock:
+            super().append(handle)
+            if self.cancelled:
+                handle.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            handles = list(self)
+        for handle in handles:  # a finished request ignores it
+            handle.cancel()
+
+
 @dataclasses.dataclass
 class _Job:
     handle: Handle
@@ -287,9 +311,9 @@ class Engine:
     @contextlib.contextmanager
     def collect_handles(self, into: list | None = None) -> Iterator[list[Handle]]:
         """Inside the block, the handles of the requests this thread submits are appended to the
-        yielded list (``into``, or a new one): how a server reaches the requests a pipeline call
-        made (one per text segment), to ``cancel()`` them when its client goes away.  Blocks may nest."""
-        handles: list[Handle] = [] if into is None else into
+        yielded list (``into``, or a new ``HandleGroup``): how a server reaches the requests a pipeline
+        call made (one per text segment), to ``cancel()`` them when its client goes away.  Blocks may nest."""
+        handles: list[Handle] = HandleGroup() if into is None else into
         sinks = self._local.__dict__.setdefault("sinks", [])
         sinks.append(handles)
         try:
@@ -453,5 +477,5 @@ class Engine:
         job.handle._end(error)
 
 
-__all__ = ["DeadlineExceeded", "Engine", "EngineConfig", "EngineMetrics", "EngineStopped", "Handle", "QueueFull",
-           "RequestCancelled"]
+__all__ = ["DeadlineExceeded", "Engine", "EngineConfig", "EngineMetrics", "EngineStopped", "Handle", "HandleGroup",
+           "QueueFull", "RequestCancelled"]

@@ -73,6 +73,7 @@ from cosyjax.frontend.audio import MAX_SECONDS, MIN_SECONDS, SILENCE_PEAK
 from cosyjax.serving import cosyvoice_pb2 as pb
 from cosyjax.serving import cosyvoice_pb2_grpc as pb_grpc
 from cosyjax.serving.engine import DeadlineExceeded, EngineStopped, QueueFull, RequestCancelled
+from cosyjax.serving.pcm import to_pcm16
 
 if TYPE_CHECKING:
     from cosyjax.pipeline import CosyVoice3
@@ -129,16 +130,6 @@ def pcm16_to_float(data: bytes, field: str) -> np.ndarray:
     return wav
 
 
-def float_to_pcm16(audio: Any) -> bytes:
-    """Upstream's response conversion: float audio ([1, T] or [T]) -> ``(x * 2**15).astype(int16)`` bytes.
-
-    Truncates toward zero as upstream; values outside [-1, 1) are clipped to the int16 range
-    instead of wrapping around (the model's output limit never reaches them).
-    """
-    scaled = np.asarray(audio, np.float32).reshape(-1) * np.float32(2 ** 15)
-    return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
-
-
 def _wav_bytes(wav: np.ndarray) -> bytes:
     """A float32 WAV file of a 16 kHz waveform (lossless), for pipeline inputs that take files only."""
     import soundfile
@@ -146,29 +137,6 @@ def _wav_bytes(wav: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     soundfile.write(buffer, wav, PROMPT_SAMPLE_RATE, format="WAV", subtype="FLOAT")
     return buffer.getvalue()
-
-
-class _Handles(list):
-    """The engine requests of one RPC (``Engine.collect_handles``); once the RPC is cancelled, a
-    request submitted afterwards (a later text segment) is cancelled as soon as it is added."""
-
-    def __init__(self):
-        super().__init__()
-        self._lock = threading.Lock()
-        self.cancelled = False
-
-    def append(self, handle) -> None:
-        with self._lock:
-            super().append(handle)
-            if self.cancelled:
-                handle.cancel()
-
-    def cancel(self) -> None:
-        with self._lock:
-            self.cancelled = True
-            handles = list(self)
-        for handle in handles:
-            handle.cancel()
 
 
 class CosyVoiceServicer(pb_grpc.CosyVoiceServicer):
@@ -253,7 +221,7 @@ class CosyVoiceServicer(pb_grpc.CosyVoiceServicer):
             log.info("refused %s: %s", request.WhichOneof(PAYLOAD) or "empty request", e.message)
             context.abort(e.code, e.message)
         began = time.perf_counter()
-        with self.engine.collect_handles(_Handles()) as handles:
+        with self.engine.collect_handles() as handles:  # a HandleGroup: cancel() stops them all
             if not context.add_callback(handles.cancel):  # runs when the rpc ends: cancel, deadline, or done
                 return  # already over (the client went away while the request was checked)
             chunks = None
@@ -274,7 +242,7 @@ class CosyVoiceServicer(pb_grpc.CosyVoiceServicer):
                 context.send_initial_metadata(self.metadata)
                 item = first
                 while item is not None:
-                    pcm = float_to_pcm16(item["tts_speech"])
+                    pcm = to_pcm16(item["tts_speech"])
                     if pcm:  # an empty yield (no speech tokens) adds nothing
                         samples += len(pcm) // 2
                         yield pb.Response(tts_audio=pcm)
@@ -409,5 +377,5 @@ def run_grpc(tts: "CosyVoice3", host: str = "127.0.0.1", port: int = DEFAULT_POR
             tts.engine.shutdown(drain_seconds=0)
 
 
-__all__ = ["CosyVoiceServicer", "DEFAULT_PORT", "INSTRUCT_MESSAGE", "SFT_MESSAGE", "float_to_pcm16",
-           "pcm16_to_float", "run_grpc", "serve_grpc"]
+__all__ = ["CosyVoiceServicer", "DEFAULT_PORT", "INSTRUCT_MESSAGE", "SFT_MESSAGE", "pcm16_to_float", "run_grpc",
+           "serve_grpc"]

@@ -13,7 +13,7 @@ Request (JSON), the fields of OpenAI's ``audio.speech.create``:
 - ``stream``: true sends ``pcm`` chunks as they are synthesised (chunked transfer encoding).
 - ``seed`` (extension): the pipeline's seed (default 0).
 
-All formats hold the same int16 samples as the upstream routes' PCM (``cosyjax.server.to_pcm16``).
+All formats hold the same int16 samples as the upstream routes' PCM (``cosyjax.serving.pcm.to_pcm16``).
 """
 
 from __future__ import annotations
