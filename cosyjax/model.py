@@ -170,7 +170,6 @@ class CosyVoice3Model:
         self.max_silent_run = max_silent_run
         if f0_float64 is not None:  # the policy is the one place the vocoder reads it from
             self.policy = dataclasses.replace(self.policy, f0_float64=bool(f0_float64))
-        self.f0_float64 = self.policy.f0_float64
         self.hift_carry = hift_carry
         self.flow_carry = flow_carry
         self.final_full_attention = final_full_attention
@@ -181,6 +180,11 @@ class CosyVoice3Model:
         self.cache_len = self.limits.cache_len(rate, lm.bucket)
         # Compiled stage programs (shared by every request, like jit's own cache; see cosyjax.programs).
         self.programs = ProgramCache()
+
+    @property
+    def f0_float64(self) -> bool:
+        """Whether the vocoder's f0 net and NSF phase run in float64 (the policy's ``f0_float64``)."""
+        return self.policy.f0_float64
 
     @property
     def dtype(self) -> str:
