@@ -30,8 +30,9 @@ from cosyjax.parity.stages import hift as hift_stage
 # float32: the audio tolerance comes from cosyjax.parity.error_model: one-ulp probes of every flow
 # and HiFT weight (the HiFT f0 predictor, float64 on both sides, aside) and of the DiT's timestep
 # frequencies (``rounded_constants``: torch rounds that exp its own way, and the shift it gives every
-# frame is what the NSF phase integrates) through this whole request, x KAPPA.  That carries the flow's rounding through the vocoder, where it moves the f0 and the NSF
-# phase integrates it over every sample.  The SNR floor is the orchestration target (>= 50 dB).
+# frame is what the NSF phase integrates) through this whole request, x KAPPA.  That carries the
+# flow's rounding through the vocoder, where it moves the f0 and the NSF phase integrates it over
+# every sample.  The SNR floor is the orchestration target (>= 50 dB).
 SNR_MIN_DB = 50.0
 # bfloat16: the whole request in bf16 compute, to the audio SNR target of cosyjax.parity.bf16.
 
