@@ -1,7 +1,9 @@
 """The serving engine (cosyjax/serving/engine.py): batched LLM slots, each request equal to its solo run.
 
 On the committed tiny release: 8 concurrent requests of mixed length and kind (stream and not,
-voice conversion) each give exactly their solo ``CosyVoice3Model.tts`` output (same key); a short
+voice conversion) each give exactly their solo ``CosyVoice3Model.tts`` output (same key); so do
+requests that start and finish at staggered times, whose rows move (compaction) and whose decode
+bucket changes; one request decodes at batch 1; ``decode_rows`` / ``move_row`` themselves; a short
 request submitted behind a long one finishes first; cancellation frees the slot; a full queue is
 refused with a retry hint; deadlines; bad input refused at submit.
 """
@@ -12,11 +14,14 @@ import io
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
+from cosyjax.llm import decode
 from cosyjax.model import CosyVoice3Model, Trace
 from cosyjax.serving import DeadlineExceeded, Engine, EngineConfig, QueueFull, RequestCancelled
+from cosyjax.serving.engine import row_buckets
 
 from conftest import TINY_PROMPT_TEXT, voice_wav_bytes
 
@@ -83,6 +88,149 @@ def test_concurrent_requests_equal_their_solo_runs(model):
         assert stats["completed"] == len(requests) and stats["failed"] == 0 and stats["slots_busy"] == 0
     finally:
         engine.shutdown()
+
+
+class _ProgramSpy:
+    """Records (function name, static arguments, argument specs) of every program a ``ProgramCache``
+    runs or compiles (``ProgramCache.__call__`` goes through ``compile``)."""
+
+    def __init__(self, programs):
+        self.programs, self.calls = programs, []
+        self._compile = programs.compile
+
+    def __call__(self, fn, *args, **static):
+        self.calls.append((getattr(fn, "__name__", repr(fn)), static, args))
+        return self._compile(fn, *args, **static)
+
+    def of(self, name):
+        return [(static, args) for n, static, args in self.calls if n == name]
+
+
+ENGINE_PROGRAMS = {"decode_rows", "decode_chunk", "move_row", "insert_row", "release_row"}
+
+
+def _engine_programs(model):
+    """How many of the engine's programs (any shapes) the model's cache holds."""
+    return sum(p.name in ENGINE_PROGRAMS for p in model.programs.programs())
+
+
+def test_row_buckets():
+    assert row_buckets(1) == [1] and row_buckets(8) == [1, 2, 4, 8] and row_buckets(6) == [1, 2, 4, 6]
+    assert row_buckets(4) == [1, 2, 4] and row_buckets(5) == [1, 2, 4, 5]
+
+
+def test_decode_rows_and_move_row_equal_the_full_decode(model):
+    """decode_rows(rows=2) of a 4-row state advances rows 0-1 exactly as decode_chunk over all 4 does
+    and leaves rows 2-3 bit for bit; move_row copies a row and leaves the source done."""
+    llm, cfg = model.params["llm"], model.config.llm
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size - 300, (4, 16)).astype(np.int32)
+    lengths = np.array([5, 9, 16, 3], np.int32)
+    static = dict(cfg=cfg, settings=model.sampler, num_steps=7, record_logits=False, precision=model.policy.llm,
+                  fixed_trip=None)
+
+    def fresh():
+        return decode.prefill(llm, ids, np.zeros_like(ids, bool), lengths, np.full(4, 2, np.int32),
+                              np.full(4, 40, np.int32), jax.random.split(jax.random.key(3), 4), cfg=cfg,
+                              cache_len=model.cache_len, window=model.sampler.win_size, precision=model.policy.llm)
+
+    def host(state):
+        return jax.tree.map(lambda a: np.asarray(jax.random.key_data(a) if jax.dtypes.issubdtype(
+            a.dtype, jax.dtypes.prng_key) else a), state)
+
+    full_state, full = decode.decode_chunk(llm, fresh(), **static)
+    full_state, full = host(full_state), host(full)
+    before = host(fresh())
+    part_state, part = decode.decode_rows(llm, fresh(), rows=2, **static)
+    part_state, part = host(part_state), host(part)
+    assert part.tokens.shape == (2, 7) and part.count.shape == (2,)
+    np.testing.assert_array_equal(part.tokens, full.tokens[:2])
+    np.testing.assert_array_equal(part.count, full.count[:2])
+    for got, want_head, want_tail in zip(jax.tree.leaves(part_state), jax.tree.leaves(full_state),
+                                         jax.tree.leaves(before)):
+        np.testing.assert_array_equal(got[:2], want_head[:2])
+        np.testing.assert_array_equal(got[2:], want_tail[2:])
+    # Move row 3 into row 1: row 1 becomes row 3, row 3 is left done, the others untouched.
+    moved = host(decode.move_row(fresh(), np.int32(3), np.int32(1)))
+    for name in ("valid", "positions", "end_index", "logits", "step", "recent", "min_len", "max_len", "keys"):
+        got, want = getattr(moved, name), getattr(before, name)
+        np.testing.assert_array_equal(got[[0, 1, 2, 3]], want[[0, 3, 2, 3]], err_msg=name)
+    for got, want in zip(jax.tree.leaves(moved.cache), jax.tree.leaves(before.cache)):
+        np.testing.assert_array_equal(got, want[[0, 3, 2, 3]])
+    assert moved.done.tolist() == [False, False, False, True]
+    with pytest.raises(ValueError, match="rows=5"):
+        decode.decode_rows(llm, fresh(), rows=5, **static)
+
+
+def test_staggered_requests_move_rows_and_equal_their_solo_runs(model, monkeypatch):
+    """slots=4: A, B, C start together (rows 0-2, bucket 4); B, the shortest, finishes first and C moves
+    into its row; D starts once B is done (row 2; C, shorter than D, usually finishes first and D moves
+    in turn; A ends alone, at bucket 1).  Every request equals its solo run, the decode ran over the
+    row buckets only, and after ``program_specs`` is compiled the engine compiles none of its programs."""
+    requests = {"A": _request(model, 41, 10, 10, False), "B": _request(model, 42, 1, 6, True),
+                "C": _request(model, 43, 4, 8, True), "D": _request(model, 44, 5, 12, False)}
+    solo = {name: _solo(model, kw, st) for name, (kw, st) in requests.items()}
+    lengths = {name: len(trace.llm_tokens) for name, (_, trace) in solo.items()}
+    base = model.schedule.base
+    # What the test needs of these seeds: A and C run several chunks longer than B.
+    assert lengths["B"] + 3 * base < min(lengths["A"], lengths["C"]), lengths
+    engine = Engine(model, EngineConfig(slots=4))
+    for fn, args, static in engine.program_specs():  # a warmed engine: every program it runs is here
+        model.programs.compile(fn, *args, **static)
+    warmed = _engine_programs(model)
+    spy = _ProgramSpy(model.programs)
+    monkeypatch.setattr(model.programs, "compile", spy)
+    engine.start()
+    try:
+        traces = {name: Trace() for name in requests}
+        handles = {}
+        with engine._lock:  # the scheduler admits A, B and C together, in this order (rows 0, 1, 2)
+            for name in "ABC":
+                kw, st = requests[name]
+                handles[name] = engine.submit(**kw, stream=st, trace=traces[name])
+        results = {"B": _collect(handles["B"])}
+        kw, st = requests["D"]
+        handles["D"] = engine.submit(**kw, stream=st, trace=traces["D"])
+        for name in "ACD":
+            results[name] = _collect(handles[name])
+        for name, (chunks, trace) in solo.items():
+            np.testing.assert_array_equal(traces[name].llm_tokens, trace.llm_tokens, err_msg=name)
+            got = results[name]
+            assert [c.shape for c in got] == [c.shape for c in chunks], name
+            for a, b in zip(got, chunks):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+        buckets = [static["rows"] for static, _ in spy.of("decode_rows")]
+        assert buckets[0] == 4 and set(buckets) <= {1, 2, 4}, buckets
+        moves = spy.of("move_row")
+        assert moves and [(int(s), int(d)) for _, (_, s, d) in moves][0] == (2, 1), moves
+        for static, (_, state) in spy.of("decode_rows"):
+            assert state.done.shape == (4,)  # the slot state; only its first rows decode
+        assert not spy.of("decode_chunk")
+        assert _engine_programs(model) == warmed  # nothing of the engine's compiled after program_specs
+        stats = engine.stats()
+        assert stats["completed"] == 4 and stats["failed"] == 0 and stats["slots_busy"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_one_request_decodes_at_batch_one(model, monkeypatch):
+    spy = _ProgramSpy(model.programs)
+    monkeypatch.setattr(model.programs, "compile", spy)
+    engine = Engine(model, EngineConfig(slots=4)).start()
+    try:
+        kw, _ = _request(model, 51, 8, 9, True)
+        got = _collect(engine.submit(**kw, stream=True))
+    finally:
+        engine.shutdown()
+    runs = spy.of("decode_rows")
+    assert len(runs) >= 2 and all(static["rows"] == 1 for static, _ in runs), [s["rows"] for s, _ in runs]
+    assert not spy.of("decode_chunk")  # never the decode over all 4 slots
+    program = model.programs.compile(decode.decode_rows, *runs[0][1], **runs[0][0])
+    assert program.static["rows"] == 1
+    want, _ = _solo(model, kw, True)
+    assert [c.shape for c in got] == [c.shape for c in want]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_short_behind_long_finishes_first_and_cancel_frees_the_slot(model):

@@ -8,7 +8,8 @@ invalid, and its decode step i writes slot P + i with rotary position len_b + i.
 exactly its own tokens at its own positions, as if decoded alone.  Every per-row quantity (write
 slot, step, positions) is a vector, so rows need not start together: ``insert_row`` puts a freshly
 prefilled request into one row of a running batch (the serving engine's decode slots), and a
-finished row stops writing.
+finished row stops writing.  Rows never mix, so ``decode_rows`` may decode only the first rows of a
+batch and ``move_row`` may move a row to another index (the engine packs its live rows this way).
 
 The loop mirrors upstream step for step: the scores for step i come from the forward of the
 previous token (or of the prompt for i = 0); a sampled id >= speech_token_size stops the row and is
@@ -283,6 +284,32 @@ def decode_chunk(params, state: DecodeState, *, cfg: LLMConfig, settings: Sample
                               step_logits=logits_buf if record_logits else None, steps=steps)
 
 
+@functools.partial(jax.jit, static_argnames=("rows", "cfg", "settings", "num_steps", "record_logits", "precision",
+                                           "fixed_trip"), donate_argnames=("state",))
+def decode_rows(params, state: DecodeState, *, rows: int, cfg: LLMConfig, settings: SamplerSettings, num_steps: int,
+                record_logits: bool = False, precision: Precision | None = None,
+                fixed_trip: bool | None = None) -> tuple[DecodeState, ChunkOutput]:
+    """``decode_chunk`` over rows [0, rows) of ``state`` only; the rows after them are left as they are.
+
+    A decode step costs in proportion to the rows it runs (each reads its whole cache), so a batch
+    of fixed slots that decodes every slot makes one request pay for all of them.  The serving engine
+    keeps its requests packed in the first rows and decodes a bucket of rows that holds them
+    (``rows`` is static: one program per bucket).  Rows are independent (their own keys, steps,
+    positions and cache), so a row decodes the same tokens in any bucket and at any row index.
+
+    Returns the whole state (rows [0, rows) advanced, written back in place: ``state`` is donated)
+    and the ``ChunkOutput`` of those ``rows`` rows only.
+    """
+    batch = state.done.shape[0]
+    if not 1 <= rows <= batch:
+        raise ValueError(f"rows={rows}: expected 1 <= rows <= {batch} (the state's batch)")
+    head = jax.tree.map(lambda a: a[:rows], state)
+    head, chunk = decode_chunk(params, head, cfg=cfg, settings=settings, num_steps=num_steps,
+                               record_logits=record_logits, precision=precision, fixed_trip=fixed_trip)
+    state = jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, 0, axis=0), state, head)
+    return state, chunk
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "precision"))
 def decode_forced(params, state: DecodeState, tokens: Array, *, cfg: LLMConfig,
                   precision: Precision | None = None) -> tuple[DecodeState, Array]:
@@ -314,6 +341,21 @@ def insert_row(state: DecodeState, row: DecodeState, slot: Array) -> DecodeState
 def release_row(state: DecodeState, slot: Array) -> DecodeState:
     """``state`` with row ``slot`` marked done (a cancelled or finished request frees its slot)."""
     return state.replace(done=state.done.at[slot].set(True))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def move_row(state: DecodeState, src: Array, dst: Array) -> DecodeState:
+    """``state`` with row ``src`` copied into row ``dst`` (every leaf) and row ``src`` then marked done.
+
+    The serving engine keeps its live rows packed at the front (so ``decode_rows`` runs a small
+    bucket): when a row frees up below the last live one, the last one moves into it.  A row carries
+    all of its own decode state (cache, valid slots, positions, step, keys), so the moved row decodes
+    exactly as it would have in place; the source row is left done, a free row that emits nothing.
+    ``src == dst`` changes nothing.
+    """
+    moved = jax.tree.map(lambda a: jax.lax.dynamic_update_slice_in_dim(
+        a, jax.lax.dynamic_slice_in_dim(a, src, 1, axis=0), dst, axis=0), state)
+    return moved.replace(done=moved.done.at[src].set(moved.done[src] | (src != dst)))
 
 
 # ``jax.export`` serialises the pytree structure of a program's inputs and outputs: the decode state

@@ -6,21 +6,27 @@ Design (the serving design note in the README summarises it):
   the caller's thread: bad input is a ``ValueError`` before anything is queued) and read their
   audio from a ``Handle``; the thread does all device work.
 - **LLM: continuous batching in slots** (the shape of JetStream's engine API: prefill -> insert
-  into a decode slot -> generate over all slots).  The KV cache is one static
+  into a decode slot -> generate over the busy slots).  The KV cache is one static
   [slots, S, K, H] array per layer (S from the model's ``Limits``); each row has its own write
   slot, step and rotary position (``cosyjax.llm.decode``).  Between decode chunks, waiting
   requests are prefilled one at a time (batch 1) and inserted into free rows, so a new request
   stalls the running ones by at most its prefill; a finished, cancelled or expired request frees
   its row at the next chunk boundary.  Requests are admitted first come, first served; a short
   request behind a long one runs beside it and finishes first.
+- **Only the busy rows decode.**  The n busy rows are kept packed in rows 0..n-1: a new request
+  takes row n, and when a row frees up below the last busy one, the last one moves into it
+  (``decode.move_row``, a copy: a row carries its own keys, step, positions and cache).  Each chunk
+  decodes rows [0, bucket(n)) (``decode.decode_rows``; buckets: powers of two below ``slots``,
+  and ``slots``), so one request decodes at batch 1, not at the cost of every slot.
 - **After the LLM: each request's ``RequestRun``** (``cosyjax.request``, the same state machine
   ``CosyVoice3Model.tts`` drives): after every decode chunk the new tokens of each row are fed to
   its run, which performs the stream hops (flow + vocoder) those tokens allow, or, non-stream, the
   final flow + vocoder once the LLM is done; voice conversion and forced tokens skip the slots.
 - **Same seed, same output.**  A row's sampling keys are its request's (``fold_in(key, step)``
   with its own step count), its cache and positions are its own and masked rows never mix, so the
-  tokens do not depend on what runs beside them; the flow and vocoder run per request, on the
-  same programs as a solo ``CosyVoice3Model.tts``.
+  tokens do not depend on what runs beside them, on the bucket they decode in or on the row they
+  moved to; the flow and vocoder run per request, on the same programs as a solo
+  ``CosyVoice3Model.tts``.
 - **Limits**: the model's ``Limits`` (text, prompt, output seconds) are checked at submit; a
   request may carry a deadline; the queue is bounded (``QueueFull``, which servers answer with
   503 + Retry-After).
@@ -71,6 +77,15 @@ class DeadlineExceeded(TimeoutError):
 
 class EngineStopped(RuntimeError):
     """The engine shut down before the request finished."""
+
+
+def row_buckets(slots: int) -> list[int]:
+    """The decode batch sizes of an engine with ``slots`` rows: powers of two below ``slots``, then ``slots``."""
+    out, n = [], 1
+    while n < slots:
+        out.append(n)
+        n *= 2
+    return out + [slots]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +225,8 @@ class Engine:
         self.metrics = EngineMetrics()
         self._pending: collections.deque[_Job] = collections.deque()
         self._jobs: list[_Job] = []  # admitted: decoding in a slot, or running without the LLM
-        self._free = list(range(self.config.slots))
+        self._rows: list[_Job] = []  # the busy decode rows, packed: self._rows[r].slot == r
+        self._buckets = row_buckets(self.config.slots)
         self._state: decode.DecodeState | None = None
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
@@ -248,10 +264,19 @@ class Engine:
             job.handle._end(EngineStopped("the engine shut down before this request finished"))
         self._pending.clear()
         self._jobs.clear()
+        with self._lock:
+            self._rows.clear()
 
     def warmup(self, **kwargs: Any):
-        """``model.warmup`` plus the engine's own programs (the decode over all slots, row insert/release)."""
+        """``model.warmup`` plus the engine's own programs (``program_specs``)."""
         report = self.model.warmup(**kwargs)
+        for fn, args, static in self.program_specs():
+            self.model.programs.compile(fn, *args, **static)
+        return dataclasses.replace(report, total=len(self.model.programs))
+
+    def program_specs(self) -> list[tuple]:
+        """The engine's own programs as (fn, arg specs, static) (``cosyjax.programs``): the all-done
+        prefill of the slot state, the decode of each row bucket, and row insert/release/move."""
         model = self.model
 
         def llm_programs(batch):  # [prefill of the shortest bucket, decode chunk] at this batch
@@ -260,12 +285,12 @@ class Engine:
                                precision=model.policy.llm)
 
         slots, single = llm_programs(self.config.slots), llm_programs(1)
-        state, row = slots[-1][1][1], single[-1][1][1]  # decode_chunk's state argument at each batch
+        _, (params, state), static = slots[-1]  # decode_chunk at the slot batch: its arguments
+        row = single[-1][1][1]  # a batch-1 state
         slot = jax.ShapeDtypeStruct((), jnp.int32)
-        for fn, args, static in slots + [(decode.insert_row, (state, row, slot), {}),
-                                         (decode.release_row, (state, slot), {})]:
-            model.programs.compile(fn, *args, **static)
-        return dataclasses.replace(report, total=len(model.programs))
+        return (slots[:-1] + [(decode.decode_rows, (params, state), {**static, "rows": rows}) for rows in self._buckets]
+                + [(decode.insert_row, (state, row, slot), {}), (decode.release_row, (state, slot), {}),
+                   (decode.move_row, (state, slot, slot), {})])
 
     # ------------------------------------------------------------------ submitting
     def submit(self, *, stream: bool = False, deadline_seconds: float | None = None, trace: Trace | None = None,
@@ -341,7 +366,7 @@ class Engine:
         with self._lock:
             m = self.metrics
             return {"pending": len(self._pending), "active": len(self._jobs),
-                    "slots": self.config.slots, "slots_busy": self.config.slots - len(self._free),
+                    "slots": self.config.slots, "slots_busy": len(self._rows),
                     "submitted": m.submitted, "completed": m.completed, "failed": m.failed,
                     "cancelled": m.cancelled, "rejected": m.rejected, "tokens": m.tokens,
                     "audio_seconds": m.audio_seconds}
@@ -376,6 +401,7 @@ class Engine:
                 self._step()
             except Exception as e:  # a bug in the engine itself: fail what runs, keep serving
                 log.exception("engine step failed")
+                self._state = None  # it may have been donated to the failed call; every row is freed below
                 for job in list(self._jobs):
                     self._finish(job, e)
 
@@ -385,7 +411,7 @@ class Engine:
                 if not self._pending:
                     return
                 job = self._pending[0]
-                if job.run.req.uses_llm and not self._free:
+                if job.run.req.uses_llm and len(self._rows) >= self.config.slots:
                     return
                 self._pending.popleft()
             if self._expired(job):
@@ -406,10 +432,11 @@ class Engine:
         if self._state is None:
             self._state = self._free_rows(self.config.slots)
         row = model.prefill(job.run.req)
-        with self._lock:
-            slot = self._free.pop(0)
-        job.slot = slot
+        slot = len(self._rows)  # the busy rows stay packed: the new one goes after them
         self._state = run_program(model.programs, decode.insert_row, self._state, row, np.int32(slot))
+        job.slot = slot
+        with self._lock:
+            self._rows.append(job)
         self._jobs.append(job)
 
     def _step(self) -> None:
@@ -418,25 +445,24 @@ class Engine:
                 self._finish(job, RequestCancelled("cancelled"))
             else:
                 self._expired(job)
-        decoding = [j for j in self._jobs if j.slot is not None]
+        decoding = list(self._rows)  # row r of this chunk is decoding[r] (a finish below may move rows)
         if not decoding:
             return
         model = self.model
-        self._state, chunk = run_program(model.programs, decode.decode_chunk, model.params["llm"], self._state,
-                                         cfg=model.config.llm, settings=model.sampler, num_steps=model.schedule.base,
-                                         record_logits=False, precision=model.policy.llm, fixed_trip=None)
+        rows = next(b for b in self._buckets if b >= len(decoding))
+        self._state, chunk = run_program(model.programs, decode.decode_rows, model.params["llm"], self._state,
+                                         rows=rows, cfg=model.config.llm, settings=model.sampler,
+                                         num_steps=model.schedule.base, record_logits=False,
+                                         precision=model.policy.llm, fixed_trip=None)
         tokens, counts = np.asarray(chunk.tokens), np.asarray(chunk.count)
         done = np.asarray(self._state.done)
-        for job in decoding:
-            new = tokens[job.slot, :counts[job.slot]]
+        for row, job in enumerate(decoding):
+            new = tokens[row, :counts[row]]
             self.metrics.tokens += int(new.size)
-            finished = bool(done[job.slot])
             try:
-                self._deliver(job, job.run.feed(new, finished))
+                self._deliver(job, job.run.feed(new, bool(done[row])))
             except Exception as e:
                 self._finish(job, e)
-                continue
-
 
     def _deliver(self, job: _Job, chunks: list[dict[str, np.ndarray]]) -> None:
         for chunk in chunks:
@@ -451,14 +477,30 @@ class Engine:
             return True
         return False
 
+    def _free_row(self, job: _Job) -> None:
+        """Free ``job``'s decode row, keeping the busy rows packed: the last busy row moves into it
+        (``move_row`` leaves the last row done), or, when it is the last, it is marked done."""
+        slot, last = job.slot, len(self._rows) - 1
+        assert self._rows[slot] is job, (slot, job.handle.id)
+        programs = self.model.programs
+        if slot != last:
+            moved = self._rows[last]
+            if self._state is not None:
+                self._state = run_program(programs, decode.move_row, self._state, np.int32(last), np.int32(slot))
+            moved.slot = slot
+            with self._lock:
+                self._rows[slot] = moved
+                self._rows.pop()
+        else:
+            if self._state is not None and not np.asarray(self._state.done)[slot]:
+                self._state = run_program(programs, decode.release_row, self._state, np.int32(slot))
+            with self._lock:
+                self._rows.pop()
+        job.slot = None
+
     def _finish(self, job: _Job, error: BaseException | None) -> None:
         if job.slot is not None:
-            if not np.asarray(self._state.done)[job.slot]:
-                self._state = run_program(self.model.programs, decode.release_row, self._state, np.int32(job.slot))
-            with self._lock:
-                self._free.append(job.slot)
-                self._free.sort()
-            job.slot = None
+            self._free_row(job)
         if job in self._jobs:
             self._jobs.remove(job)
         m = self.metrics
@@ -478,4 +520,4 @@ class Engine:
 
 
 __all__ = ["DeadlineExceeded", "Engine", "EngineConfig", "EngineMetrics", "EngineStopped", "Handle", "HandleGroup",
-           "QueueFull", "RequestCancelled"]
+           "QueueFull", "RequestCancelled", "row_buckets"]
