@@ -28,12 +28,15 @@ class Limits:
       max_prompt_text_tokens: prompt transcript / instruction tokens.
       max_prompt_seconds: prompt audio; gives the prompt speech tokens and mel frames.
       max_output_seconds: generated speech; caps the LLM's output tokens.
+      min_speed: slowest ``speed`` a request may ask for (non-stream; stretches the mel, so the
+        vocoder's longest input is max_output_seconds / min_speed).  0.5 is upstream's web UI bound.
     """
 
     max_text_tokens: int = 400
     max_prompt_text_tokens: int = 200
     max_prompt_seconds: float = 30.0
     max_output_seconds: float = 60.0
+    min_speed: float = 0.5
 
     def __post_init__(self):
         for name in ("max_text_tokens", "max_prompt_text_tokens"):
@@ -44,6 +47,9 @@ class Limits:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isinf(value):
                 raise ValueError(f"Limits.{name}={value!r}: expected a positive number of seconds")
+        speed = self.min_speed
+        if not isinstance(speed, (int, float)) or isinstance(speed, bool) or not 0 < speed <= 1:
+            raise ValueError(f"Limits.min_speed={speed!r}: expected a number in (0, 1]")
 
     def prompt_speech_tokens(self, token_rate: int) -> int:
         return int(math.ceil(self.max_prompt_seconds * token_rate))

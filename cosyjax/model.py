@@ -98,7 +98,7 @@ from cosyjax.limits import Limits
 from cosyjax.llm import lm
 from cosyjax.llm.sampling import SamplerSettings
 from cosyjax.precision import PrecisionPolicy
-from cosyjax.programs import ProgramCache
+from cosyjax.programs import ProgramCache, program_key
 from cosyjax.request import (MAX_HOP_FACTOR, MAX_SILENT_RUN, SILENT_TOKENS, STREAM_SCALE_FACTOR, HopSchedule,
                              HopState, Request, RequestRun, SilentTokenFilter, Trace, _as_key, _ids,
                              interpolate_linear)
@@ -243,6 +243,9 @@ class CosyVoice3Model:
             raise ValueError(str(e).replace("prompt_token", "flow_prompt_speech_tokens")) from None
         if not (isinstance(speed, (int, float)) and not isinstance(speed, bool) and speed > 0 and math.isfinite(speed)):
             raise ValueError(f"speed={speed!r}: expected a positive number")
+        if speed < self.limits.min_speed:
+            raise ValueError(f"speed={speed}: below the model's limit min_speed={self.limits.min_speed} "
+                             f"(Limits.min_speed bounds how far the output may be stretched)")
         if stream and speed != 1.0:
             # upstream: assert token_offset == 0 and finalize is True, 'speed change only support non-stream ...'
             raise ValueError(f"speed={speed} is only supported with stream=False (upstream asserts this)")
@@ -329,19 +332,19 @@ class CosyVoice3Model:
         return mel
 
     def _hift(self, mel: np.ndarray, finalize: bool) -> np.ndarray:
-        return np.asarray(hift_inference(self.params["hift"], mel, cfg=self.config.hift, finalize=finalize,
-                                         noise=self.hift_noise, policy=self.policy))
+        return hift_inference(self.params["hift"], mel, cfg=self.config.hift, finalize=finalize,
+                              noise=self.hift_noise, policy=self.policy, programs=self.programs)
 
     def _hift_stream(self, mel_all: np.ndarray, mel_new: np.ndarray, emitted: int, state: Any, *,
                      finalize: bool) -> tuple[np.ndarray, int, Any]:
         """Audio that became final after ``mel_new`` joined ``mel_all`` (carried state or re-run)."""
         if state is None:
             audio, emitted = hift_stream_step(self.params["hift"], mel_all, emitted, cfg=self.config.hift,
-                                              finalize=finalize, noise=self.hift_noise, policy=self.policy)
-            return np.asarray(audio), emitted, None
+                                              finalize=finalize, noise=self.hift_noise, policy=self.policy,
+                                              programs=self.programs)
+            return audio, emitted, None
         state, audio = hift_stream_push(self.params["hift"], state, mel_new, cfg=self.config.hift,
-                                        finalize=finalize, policy=self.policy)
-        audio = np.asarray(audio)
+                                        finalize=finalize, policy=self.policy, programs=self.programs)
         return audio, emitted + audio.shape[1], state
 
     # ---------------------------------------------------------------- public API
@@ -430,7 +433,8 @@ class CosyVoice3Model:
             if offline or (stream and self.final_full_attention):
                 out += flow_mod.programs(cfg.flow, self.params["flow"], max_tokens=max_tokens, batch=batch,
                                          precision=self.policy.flow)
-            out += self._hift_programs(batch, cfg.flow.token_mel_ratio * max_tokens, stream=False)
+            if offline:
+                out += self._hift_programs(batch, stream=False)
             if batch != 1 or not stream:
                 continue
             if self.flow_carry:
@@ -440,11 +444,27 @@ class CosyVoice3Model:
             else:
                 out += flow_mod.programs(cfg.flow, self.params["flow"], max_tokens=max_tokens, streaming=True,
                                          precision=self.policy.flow)
-            out += self._hift_programs(1, cfg.flow.token_mel_ratio * max_tokens, stream=True)
-        return out
+            out += self._hift_programs(1, stream=True)
+        return list({program_key(*p): p for p in out}.values())  # a program listed twice compiles once
 
-    def _hift_programs(self, batch: int, max_frames: int, *, stream: bool) -> list:
-        return []  # filled in with the HiFT core's program specs
+    def _hift_programs(self, batch: int, *, stream: bool) -> list:
+        """The vocoder's programs: offline for the longest output at the slowest speed the limits allow,
+        or, streaming, the carried-state push for the largest hop (or the re-run on all mel so far)."""
+        from cosyjax.hift import generator, stream as hift_stream
+
+        cfg, lim, sched = self.config, self.limits, self.schedule
+        out_frames = sched.token_mel_ratio * lim.output_tokens(cfg.token_frame_rate)
+        kw = dict(batch=batch, policy=self.policy, noise=self.hift_noise)
+        if not stream:
+            return generator.programs(cfg.hift, self.params["hift"], finalize=True,
+                                      max_frames=int(math.ceil(out_frames / lim.min_speed)), **kw)
+        if not self.hift_carry:
+            return [p for fin in (False, True)
+                    for p in generator.programs(cfg.hift, self.params["hift"], finalize=fin, max_frames=out_frames, **kw)]
+        # A push carries one hop's frames: the first hop plus its prompt pad (< 2 hops) or the last
+        # hop with the lookahead tokens (RequestRun).
+        push = sched.token_mel_ratio * (2 * sched.max_hop + sched.lookahead)
+        return hift_stream.stream_programs(cfg.hift, self.params["hift"], max_push_frames=min(push, out_frames), **kw)
 
     def warmup(self, *, offline: bool = True, stream: bool = True, batch_sizes: Sequence[int] = (1,),
                voice_prefix: bool = False, progress: bool = False) -> "WarmupReport":
@@ -574,8 +594,8 @@ class CosyVoice3Model:
         padded = np.zeros((len(rows), int(lens.max()), c), np.float32)
         for b, m in enumerate(mels):
             padded[b, :m.shape[1]] = m[0]
-        audio = np.asarray(hift_inference(self.params["hift"], padded, cfg=self.config.hift, finalize=True,
-                                          noise=self.hift_noise, mel_len=lens, policy=self.policy))
+        audio = hift_inference(self.params["hift"], padded, cfg=self.config.hift, finalize=True,
+                               noise=self.hift_noise, mel_len=lens, policy=self.policy, programs=self.programs)
         scale = self.config.hift.upsample_scale
         for b, i in enumerate(rows):
             out[i] = audio[b:b + 1, :scale * lens[b]]

@@ -40,7 +40,8 @@ def _spec(x: Any) -> Any:
     return jax.ShapeDtypeStruct(arr.shape, arr.dtype, weak_type=getattr(x, "weak_type", False))
 
 
-def _key(fn: Callable, args: tuple, static: dict) -> tuple:
+def program_key(fn: Callable, args: tuple, static: dict) -> tuple:
+    """What identifies a program: the function, its static arguments and the argument shapes/dtypes."""
     leaves, tree = jax.tree.flatten(args)
     shapes = tuple((s.shape, str(s.dtype), bool(s.weak_type)) for s in map(_spec, leaves))
     return (fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), tree, shapes)
@@ -77,7 +78,7 @@ class ProgramCache:
 
     def compile(self, fn: Callable, *args: Any, **static: Any) -> Program:
         """The program for ``fn(*args, **static)``, compiled now if it is new; ``args`` may be specs."""
-        key = _key(fn, args, static)
+        key = program_key(fn, args, static)
         with self._lock:
             found = self._programs.get(key)
         if found is not None:
@@ -103,6 +104,44 @@ class ProgramCache:
             return list(self._programs.values())
 
 
+class CompileCounter:
+    """Counts the executables jax builds while the block runs (``jax.monitoring`` events): XLA backend
+    compiles and loads from the persistent compilation cache (a load replaces a compile).  How the
+    "nothing compiles after warm-up" claim is checked::
+
+        with CompileCounter() as counter:
+            ...
+        counter.count, counter.seconds
+    """
+
+    EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+
+    def _listener(self, name: str, duration: float, **kwargs: Any) -> None:
+        if name in self.EVENTS:
+            self.count += 1
+            self.seconds += duration
+
+    def __enter__(self) -> "CompileCounter":
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def exportable(cls: type) -> type:
+    """Class decorator: let ``jax.export`` serialise programs whose inputs or outputs hold ``cls``, a
+    pytree dataclass without static (auxiliary) fields (its empty aux data round-trips as b"")."""
+    jax.export.register_pytree_node_serialization(
+        cls, serialized_name=f"{cls.__module__}.{cls.__qualname__}", serialize_auxdata=lambda aux: b"",
+        deserialize_auxdata=lambda data: ())
+    return cls
+
+
 def run(cache: ProgramCache | None, fn: Callable, *args: Any, **static: Any) -> Any:
     """``cache(fn, *args, **static)``, or the plain jitted call without a cache."""
     if cache is None:
@@ -115,4 +154,4 @@ def specs_of(tree: Any) -> Any:
     return jax.tree.map(_spec, tree)
 
 
-__all__ = ["Program", "ProgramCache", "run", "specs_of"]
+__all__ = ["CompileCounter", "Program", "ProgramCache", "exportable", "program_key", "run", "specs_of"]

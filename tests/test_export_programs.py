@@ -69,7 +69,8 @@ def _recorded_calls(model) -> dict[str, tuple]:
 
 def test_every_program_kind_round_trips_through_serialization(model):
     calls = _recorded_calls(model)
-    assert {"prefill", "decode_chunk", "_flow_core", "_push_core"} <= set(calls), sorted(calls)
+    assert {"prefill", "decode_chunk", "_flow_core", "_push_core", "_hift_core", "_stream_core", "_make_noise"} <= set(calls), \
+        sorted(calls)
     for name, (fn, args, static) in calls.items():
         exported = jax.export.export(fn, platforms=["cpu"])(*args, **static)
         restored = jax.export.deserialize(exported.serialize())

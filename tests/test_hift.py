@@ -355,9 +355,15 @@ def test_bf16_policy_meets_the_bf16_targets(case_dir):
 
 def test_bf16_stream_equals_bf16_offline():
     """The carried-state stream and the offline call share the layout and the NSF source under the bf16
-    policy too: same lengths, and the same bf16 audio up to bf16 rounding flips of a different buffer size,
-    far inside the bf16 distance to float32."""
+    policy too: same lengths, and the same audio up to bf16 rounding.
+
+    The two differ by more than float32 noise: XLA's float32 accumulation order in a bf16 conv depends
+    on the buffer length (at float32 HIGHEST the offline output is bit-identical across mel buckets),
+    and a changed float32 sum can round to a neighbouring bf16 operand for the next layer, which the
+    random net then amplifies like any bf16 rounding.  So the bound is the bf16 audio target against
+    each other and against float32 (the exact float32 equality is tests/test_hift_stream.py's)."""
     from cosyjax.hift.stream import hift_stream_init, hift_stream_push
+    from cosyjax.parity import bf16
     from cosyjax.parity.compare import snr_db
 
     case, cfg, params, _ = _converted(HIFT_CASES[0])
@@ -372,4 +378,6 @@ def test_bf16_stream_equals_bf16_offline():
         pieces.append(np.asarray(audio, np.float64))
     streamed = np.concatenate(pieces, axis=1)
     assert streamed.shape == offline.shape
-    assert snr_db(streamed, offline) >= snr_db(offline, f32) + 20, (snr_db(streamed, offline), snr_db(offline, f32))
+    assert min(snr_db(streamed, offline), snr_db(streamed, f32), snr_db(offline, f32)) >= bf16.AUDIO_SNR_DB, \
+        (snr_db(streamed, offline), snr_db(streamed, f32), snr_db(offline, f32))
+    assert snr_db(streamed, f32) < 60  # the stream did run the bf16 policy (float32 would be ~100 dB)

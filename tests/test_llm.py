@@ -15,6 +15,7 @@ from cosyjax.config import LLMConfig, load_model_config
 from cosyjax.convert.common import ConversionError, load_state_dict, shape_only_state_dict
 from cosyjax.convert.llm import LM_HEAD, convert
 from cosyjax.llm import decode, lm
+from cosyjax.programs import CompileCounter
 from cosyjax.llm.qwen2 import param_shapes
 from cosyjax.llm.sampling import SamplerSettings, nucleus_keep, sample
 from cosyjax.parity.case import load_case
@@ -228,27 +229,6 @@ def test_bfloat16_close_to_float32(tiny):
 # ------------------------------------------------------------------------------------------------
 # Compile counts
 # ------------------------------------------------------------------------------------------------
-class _CompileCounter:
-    """Counts executables built while active (jax.monitoring events): XLA backend compiles, and loads from
-    the persistent compilation cache the test suite turns on (tests/conftest.py), which replace a compile."""
-
-    EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
-
-    def __init__(self):
-        self.count = 0
-
-    def _listener(self, name, duration, **kwargs):
-        if name in self.EVENTS:
-            self.count += 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listener)
-
-
 def test_no_recompile_between_chunks_or_similar_utterances(tiny):
     cfg, params, golden = tiny
     ras = SamplerSettings.from_config(cfg.sampling)
@@ -257,10 +237,10 @@ def test_no_recompile_between_chunks_or_similar_utterances(tiny):
     # different prompt and text lengths (so different min/max_len), same length buckets
     second = [lm.LMRequest.zero_shot(full.text[:7], full.prompt_text[:4], full.prompt_speech[:8]),
               lm.LMRequest.instruct2(full.text[1:], full.prompt_text[:2])]
-    with _CompileCounter() as warmup:
+    with CompileCounter() as warmup:
         lm.generate(params, cfg, first, jax.random.split(jax.random.key(3), 2), ras, chunk_size=5)
     assert warmup.count >= 2  # prefill + decode_chunk at least (the counter works)
-    with _CompileCounter() as later:
+    with CompileCounter() as later:
         out = lm.generate(params, cfg, second, jax.random.split(jax.random.key(3), 2), ras, chunk_size=5)
         lm.generate(params, cfg, first, jax.random.split(jax.random.key(4), 2), ras, chunk_size=5)
     assert sum(len(g.tokens) for g in out) > 5  # several chunks ran

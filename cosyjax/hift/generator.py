@@ -56,12 +56,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cosyjax.buckets import bucket_table, geometric_bucket
 from cosyjax.config import HiftConfig
 from cosyjax.hift.f0 import LOOK_AHEAD, F0Predictor, causal_padding, float64_available, float64_scope
 from cosyjax.hift.istft import istft, num_stft_frames, stft
-from cosyjax.hift.source import HiftNoise, checked_buffers, make_noise, source_signal
+from cosyjax.hift.source import HiftNoise, checked_buffers, make_noise, noise_programs, source_signal
 from cosyjax.nn.conv import Conv1d
 from cosyjax.precision import FLOAT32, Precision, PrecisionPolicy
+from cosyjax.programs import ProgramCache, specs_of
+from cosyjax.programs import run as run_program
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -270,10 +273,13 @@ def min_frames(cfg: HiftConfig, finalize: bool) -> int:
     return 1 if finalize else look_ahead_frames(cfg) + 1
 
 
+MEL_BUCKET_MIN = 64
+
+
 def mel_bucket(num_frames: int) -> int:
-    """Padded mel length: multiples of 32 frames up to 256, then of 128 (a compile per bucket)."""
-    step = 32 if num_frames <= 256 else 128
-    return max(step, -(-num_frames // step) * step)
+    """Padded mel length: the geometric table of ``cosyjax.buckets`` from 64 frames, two buckets per
+    octave (a compiled program per bucket; ~20 programs cover an hour of audio)."""
+    return geometric_bucket(num_frames, MEL_BUCKET_MIN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,10 +379,10 @@ def _check_mel(mel: Any, cfg: HiftConfig, finalize: bool, mel_len: Any) -> tuple
     return mel.astype(np.float32), lengths.astype(np.int32)
 
 
-def _noise_for(noise: Any, num_samples: int, need: int, cfg: HiftConfig) -> HiftNoise:
+def _noise_for(noise: Any, num_samples: int, need: int, cfg: HiftConfig, programs: Any = None) -> HiftNoise:
     """HiftNoise of exactly ``num_samples`` rows from a key/seed/None or given buffers."""
     if noise is None or isinstance(noise, (int, np.integer)):
-        return make_noise(jax.random.PRNGKey(0 if noise is None else int(noise)), num_samples, cfg)
+        return make_noise(jax.random.PRNGKey(0 if noise is None else int(noise)), num_samples, cfg, programs)
     if isinstance(noise, HiftNoise):
         rand_ini, uniform = checked_buffers(noise, cfg)
         if uniform.shape[0] < need:
@@ -386,13 +392,13 @@ def _noise_for(noise: Any, num_samples: int, need: int, cfg: HiftConfig) -> Hift
             uniform = np.pad(uniform, ((0, num_samples - uniform.shape[0]), (0, 0)))
         return HiftNoise(rand_ini, uniform)
     if isinstance(noise, (jax.Array, np.ndarray)):
-        return make_noise(jnp.asarray(noise), num_samples, cfg)
+        return make_noise(jnp.asarray(noise), num_samples, cfg, programs)
     raise ValueError(f"noise: expected None, an int seed, a jax PRNG key or HiftNoise, found {type(noise).__name__}")
 
 
 def hift_inference(params: Mapping[str, Any], mel: Any, *, cfg: HiftConfig, finalize: bool = True, noise: Any = None,
                    mel_len: Any = None, policy: PrecisionPolicy | str | None = None,
-                   return_intermediates: bool = False) -> Any:
+                   return_intermediates: bool = False, programs: ProgramCache | None = None) -> Any:
     """``CausalHiFTGenerator.inference(speech_feat, finalize)`` for a batch of mel rows.
 
     Args:
@@ -409,9 +415,10 @@ def hift_inference(params: Mapping[str, Any], mel: Any, *, cfg: HiftConfig, fina
         ``f0_float64`` runs the f0 net, the NSF division and phase cumsum in float64 like upstream
         (on for float32 on CPU; see ``hift_numerics``).
       return_intermediates: also return f0, source and conv_post (for parity).
+      programs: run through this ``cosyjax.programs.ProgramCache`` (compiled ahead of time by warm-up).
 
     Returns:
-      audio [B, N] float32 with N = ``output_samples(max(mel_len), cfg, finalize)``; a shorter row is
+      audio [B, N] float32 numpy (cut on the host: a device slice would compile per length) with N = ``output_samples(max(mel_len), cfg, finalize)``; a shorter row is
       followed by zeros.  With ``return_intermediates``, a dict with "audio", "audio_len" [B] and
       the padded "f0" [B, Tp], "source" [B, Tp*S], "conv_post" [B, F, N_fft+2] plus their valid
       lengths "f0_len" and "conv_post_len".
@@ -424,24 +431,48 @@ def hift_inference(params: Mapping[str, Any], mel: Any, *, cfg: HiftConfig, fina
     bucket = mel_bucket(int(mel.shape[1]))
     num_samples = bucket * cfg.upsample_scale
     f0_frames = int(lengths.max()) - (0 if finalize else LOOK_AHEAD)
-    noise = _noise_for(noise, num_samples, f0_frames * cfg.upsample_scale, cfg)
+    noise = _noise_for(noise, num_samples, f0_frames * cfg.upsample_scale, cfg, programs)
     padded = np.zeros((mel.shape[0], bucket, mel.shape[2]), np.float32)
     padded[:, :mel.shape[1]] = mel
     precision, use64 = hift_numerics(policy)
-    out = _hift_core(params, padded, lengths, noise, cfg=cfg, finalize=bool(finalize), precision=precision,
-                     f0_float64=use64, intermediates=bool(return_intermediates))
+    out = run_program(programs, _hift_core, params, padded, lengths, noise, cfg=cfg, finalize=bool(finalize),
+                      precision=precision, f0_float64=use64, intermediates=bool(return_intermediates))
     total = output_samples(int(lengths.max()), cfg, finalize)
     if return_intermediates:
         return out
-    return out["audio"][:, :total]
+    return np.asarray(out["audio"])[:, :total]
+
+
+def programs(cfg: HiftConfig, params: Any, *, max_frames: int, batch: int = 1, finalize: bool = True,
+             policy: PrecisionPolicy | str | None = None, noise: Any = None) -> list[tuple[Any, tuple, dict]]:
+    """Every program ``hift_inference`` runs for up to ``max_frames`` mel frames: ``_hift_core`` per
+    mel bucket (and ``make_noise``'s per bucket when ``noise`` is a seed or key rather than buffers),
+    as (function, argument specs, static arguments) triples (``cosyjax.programs``)."""
+    precision, use64 = hift_numerics(policy)
+    p = specs_of(params)
+    out = []
+    for frames in bucket_table(max_frames, MEL_BUCKET_MIN):
+        num_samples = frames * cfg.upsample_scale
+        if isinstance(noise, HiftNoise):
+            noise_spec = specs_of(_noise_for(noise, num_samples, 0, cfg))
+        else:
+            (fn, key, static), = noise_programs(num_samples, cfg)
+            out.append((fn, key, static))
+            noise_spec = jax.eval_shape(functools.partial(fn, **static), *key)
+        args = (p, jax.ShapeDtypeStruct((batch, frames, cfg.in_channels), jnp.float32),
+                jax.ShapeDtypeStruct((batch,), jnp.int32), noise_spec)
+        out.append((_hift_core, args, dict(cfg=cfg, finalize=bool(finalize), precision=precision,
+                                           f0_float64=use64, intermediates=False)))
+    return out
 
 
 def hift_stream_step(params: Mapping[str, Any], mel_so_far: Any, emitted: int, *, cfg: HiftConfig, finalize: bool,
-                     noise: Any = None, policy: PrecisionPolicy | str | None = None) -> tuple[Any, int]:
+                     noise: Any = None, policy: PrecisionPolicy | str | None = None,
+                     programs: ProgramCache | None = None) -> tuple[Any, int]:
     """One streaming step with upstream's contract: rerun on all mel so far, emit the new samples.
 
     Args:
-      params, cfg, noise, policy: as for ``hift_inference``; pass the same ``noise`` every step.
+      params, cfg, noise, policy, programs: as for ``hift_inference``; pass the same ``noise`` every step.
       mel_so_far: [B, T, C] every mel frame received so far (upstream's ``hift_cache_dict['mel']``).
       emitted: samples already returned by earlier steps (0 at the start).
       finalize: True for the last step of an utterance.
@@ -452,7 +483,8 @@ def hift_stream_step(params: Mapping[str, Any], mel_so_far: Any, emitted: int, *
     """
     mel_so_far = np.asarray(mel_so_far)
     if not finalize and mel_so_far.ndim == 3 and mel_so_far.shape[1] < min_frames(cfg, False):
-        return jnp.zeros((mel_so_far.shape[0], 0), jnp.float32), emitted
-    audio = hift_inference(params, mel_so_far, cfg=cfg, finalize=finalize, noise=noise, policy=policy)
+        return np.zeros((mel_so_far.shape[0], 0), np.float32), emitted
+    audio = hift_inference(params, mel_so_far, cfg=cfg, finalize=finalize, noise=noise, policy=policy,
+                           programs=programs)
     new = audio[:, emitted:]
     return new, emitted + int(new.shape[1])

@@ -40,11 +40,14 @@ from jax.extend.random import threefry_2x32
 
 from cosyjax.config import HiftConfig
 from cosyjax.hift.f0 import float64_available, float64_scope
+from cosyjax.programs import exportable
+from cosyjax.programs import run as run_program
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+@exportable
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class HiftNoise:
@@ -59,7 +62,7 @@ class HiftNoise:
     uniform: Array
 
 
-def make_noise(key: Array, num_samples: int, cfg: HiftConfig) -> HiftNoise:
+def make_noise(key: Array, num_samples: int, cfg: HiftConfig, programs: Any = None) -> HiftNoise:
     """Deterministic buffers for ``num_samples`` samples from a PRNG key (position-consistent).
 
     ``uniform[i, h]`` is the first word of threefry2x32(key, (i * H + h, 0)) mapped to [0, 1): a
@@ -70,6 +73,7 @@ def make_noise(key: Array, num_samples: int, cfg: HiftConfig) -> HiftNoise:
       key: a threefry ``jax.random`` key (typed, or raw uint32[2]).
       num_samples: static count N.
       cfg: the hift config (H = nb_harmonics + 1).
+      programs: run through this ``cosyjax.programs.ProgramCache`` (compiled ahead by warm-up).
 
     Returns:
       HiftNoise with rand_ini [H] (column 0 zeroed, as upstream) and uniform [N, H].
@@ -79,7 +83,13 @@ def make_noise(key: Array, num_samples: int, cfg: HiftConfig) -> HiftNoise:
     if key.shape != (2,) or key.dtype != jnp.uint32:
         raise ValueError(f"noise key: expected a threefry key (uint32[2]), "
                          f"found {key.dtype}{list(key.shape)}")
-    return _make_noise(key, num_samples, cfg.num_harmonic_channels)
+    return run_program(programs, _make_noise, key, num_samples=int(num_samples), width=cfg.num_harmonic_channels)
+
+
+def noise_programs(num_samples: int, cfg: HiftConfig) -> list[tuple[Any, tuple, dict]]:
+    """The ``make_noise`` program for ``num_samples`` samples: (function, argument specs, static arguments)."""
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return [(_make_noise, (key,), dict(num_samples=int(num_samples), width=cfg.num_harmonic_channels))]
 
 
 def _unit_float(bits: Array) -> Array:
@@ -87,7 +97,7 @@ def _unit_float(bits: Array) -> Array:
     return jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - jnp.float32(1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnames=("num_samples", "width"))
 def _make_noise(key: Array, num_samples: int, width: int) -> HiftNoise:
     ini_key, counter_key = jax.random.split(key)
     rand_ini = jax.random.uniform(ini_key, (width,), jnp.float32).at[0].set(0.0)

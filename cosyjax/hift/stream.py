@@ -109,6 +109,8 @@ from cosyjax.hift.source import (HiftNoise, _unit_float, checked_buffers, harmon
                                  phase_cumsum, phase_round)
 from cosyjax.nn.conv import Conv1d
 from cosyjax.precision import FLOAT32, Precision, PrecisionPolicy
+from cosyjax.programs import ProgramCache, exportable, specs_of
+from cosyjax.programs import run as run_program
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -201,6 +203,7 @@ def stream_bucket(num_frames: int) -> int:
 # --------------------------------------------------------------------------------------------
 # State
 # --------------------------------------------------------------------------------------------
+@exportable
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class HiftStreamState:
@@ -620,7 +623,8 @@ def _stream_core(params: Mapping[str, Any], state: HiftStreamState, mel: Array, 
 # --------------------------------------------------------------------------------------------
 def hift_stream_push(params: Mapping[str, Any], state: HiftStreamState, mel_chunk: Any, *, cfg: HiftConfig,
                      finalize: Any = False, chunk_len: Any = None, bucket: int | None = None,
-                     policy: PrecisionPolicy | str | None = None) -> tuple[HiftStreamState, Any]:
+                     policy: PrecisionPolicy | str | None = None,
+                     programs: ProgramCache | None = None) -> tuple[HiftStreamState, Any]:
     """Feed the next mel frames of every row; get the audio that became final.
 
     Args:
@@ -636,9 +640,10 @@ def hift_stream_push(params: Mapping[str, Any], state: HiftStreamState, mel_chun
         the same bucket shares one compiled function, finalizing or not.
       policy: the precision policy, as for ``hift_inference`` (the conv stacks' precision and the
         float64 switch of the f0 net and NSF phase; use the same policy for every push of a stream).
+      programs: run through this ``cosyjax.programs.ProgramCache`` (compiled ahead of time by warm-up).
 
     Returns:
-      (state, audio [B, n_out]) with n_out the longest row's new sample count; shorter rows are
+      (state, audio [B, n_out] numpy: cut on the host, a device slice would compile per length) with n_out the longest row's new sample count; shorter rows are
       followed by zeros (``state.chunk_len`` [B] gives each row's count).  After M frames in total
       a row has emitted S * max(0, M - delay) samples in all, S * M once finalized.
 
@@ -702,13 +707,31 @@ def hift_stream_push(params: Mapping[str, Any], state: HiftStreamState, mel_chun
     padded = np.zeros((batch, size, c), np.float32)
     padded[:, :n] = np.where(valid[:, :, None], mel, 0.0)[:, :size]
     precision, use64 = hift_numerics(policy)
-    new_state, audio = _stream_core(params, state, padded, lengths, fin, cfg=cfg, precision=precision,
-                                    f0_float64=use64)
+    new_state, audio = run_program(programs, _stream_core, params, state, padded, lengths, fin, cfg=cfg,
+                                   precision=precision, f0_float64=use64)
     delay = stream_plan(cfg).delay
     start = np.where(finished, frames, frames - delay)
     end = np.where(fin | finished, total, total - delay)
     out = cfg.upsample_scale * (np.maximum(end, 0) - np.maximum(start, 0))
-    return new_state, audio[:, :int(out.max(initial=0))]
+    return new_state, np.asarray(audio)[:, :int(out.max(initial=0))]
+
+
+def stream_programs(cfg: HiftConfig, params: Any, *, max_push_frames: int, batch: int = 1,
+                    policy: PrecisionPolicy | str | None = None, noise: Any = None) -> list[tuple[Any, tuple, dict]]:
+    """Every ``_stream_core`` program ``hift_stream_push`` runs for pushes of up to ``max_push_frames``
+    frames (one per ``stream_bucket``; finalizing and streaming pushes share it), as (function,
+    argument specs, static arguments) triples (``cosyjax.programs``).  ``noise`` as given to
+    ``hift_stream_init`` (buffers and keys give states of different shapes)."""
+    precision, use64 = hift_numerics(policy)
+    state = specs_of(hift_stream_init(cfg, batch, noise))
+    p, out, size = specs_of(params), [], stream_bucket(1)
+    while True:
+        args = (p, state, jax.ShapeDtypeStruct((batch, size, cfg.in_channels), jnp.float32),
+                jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.bool_))
+        out.append((_stream_core, args, dict(cfg=cfg, precision=precision, f0_float64=use64)))
+        if size >= max_push_frames:
+            return out
+        size *= 2
 
 
 def stream_output_samples(total_frames: int, cfg: HiftConfig, finalize: bool) -> int:

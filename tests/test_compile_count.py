@@ -1,0 +1,83 @@
+"""After ``CosyVoice3Model.warmup()``, a request inside the model's ``Limits`` compiles nothing.
+
+Counted with ``jax.monitoring`` (``cosyjax.programs.CompileCounter``: XLA backend compiles and
+persistent-cache loads) over random text, prompt-text, prompt-speech and output lengths, every
+mode (zero-shot, cross-lingual, instruct, voice conversion), streamed and not, and speeds down to
+the limit.  Every program of every stage (LLM prefill and decode chunk, flow offline and stream
+push, HiFT offline and stream push, the HiFT noise) must come from the warm-up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cosyjax.limits import Limits
+from cosyjax.model import CosyVoice3Model
+from cosyjax.programs import CompileCounter
+
+# Small limits keep the warm-up short on 2 CPU cores; the bucket tables are the release ones.
+LIMITS = Limits(max_text_tokens=24, max_prompt_text_tokens=12, max_prompt_seconds=2.0, max_output_seconds=3.0)
+
+
+@pytest.fixture(scope="module")
+def warmed(tiny_converted):
+    from cosyjax.checkpoint import load_converted
+
+    model = CosyVoice3Model(load_converted(tiny_converted), limits=LIMITS)
+    with CompileCounter() as counter:
+        report = model.warmup()
+    return model, report, counter
+
+
+def _requests(model: CosyVoice3Model, count: int, seed: int):
+    """Random requests inside the limits: lengths drawn anew for each."""
+    cfg, lim = model.config, model.limits
+    rate, ratio = cfg.token_frame_rate, cfg.flow.token_mel_ratio
+    rng = np.random.default_rng(seed)
+    text_vocab = cfg.llm.vocab_size
+    for i in range(count):
+        stream = bool(i % 2)
+        prompt_tokens = int(rng.integers(1, lim.prompt_speech_tokens(rate) + 1))
+        request = dict(flow_prompt_speech_tokens=rng.integers(0, cfg.flow.vocab_size, prompt_tokens),
+                       prompt_feat=rng.standard_normal((ratio * prompt_tokens, cfg.flow.output_size)).astype(np.float32),
+                       embedding=rng.standard_normal(cfg.flow.spk_embed_dim).astype(np.float32),
+                       key=int(rng.integers(1 << 30)), stream=stream)
+        mode = i % 4
+        if mode == 3:  # voice conversion: no LLM
+            request["source_speech_tokens"] = rng.integers(0, cfg.flow.vocab_size,
+                                                           int(rng.integers(1, lim.output_tokens(rate) + 1)))
+        else:
+            request["text_ids"] = rng.integers(0, text_vocab, int(rng.integers(1, lim.max_text_tokens + 1)))
+            if mode != 1:  # zero-shot / instruct carry prompt text; cross-lingual does not
+                request["prompt_text_ids"] = rng.integers(0, text_vocab,
+                                                          int(rng.integers(1, lim.max_prompt_text_tokens + 1)))
+            if mode == 0:
+                request["llm_prompt_speech_tokens"] = request["flow_prompt_speech_tokens"]
+        if not stream:
+            request["speed"] = float(rng.choice([lim.min_speed, 0.8, 1.0, 1.5]))
+        yield request
+
+
+def test_warmup_compiles_every_program_then_requests_compile_nothing(warmed):
+    model, report, counter = warmed
+    assert report.programs > 10 and counter.count >= report.programs  # the counter sees compiles
+    lengths = set()
+    with CompileCounter() as after:
+        for request in _requests(model, 12, seed=0):
+            chunks = [c["tts_speech"] for c in model.tts(**request)]
+            audio = np.concatenate(chunks, axis=1)
+            assert audio.size > 0 and np.isfinite(audio).all()
+            lengths.add((request.get("text_ids", ()).__len__(), len(request["flow_prompt_speech_tokens"]),
+                         audio.shape[1]))
+    assert len(lengths) >= 10  # the requests really differ in length
+    assert after.count == 0, f"{after.count} compilation(s) after warmup ({after.seconds:.1f} s)"
+
+
+def test_speed_below_the_limit_is_refused(warmed):
+    model = warmed[0]
+    with pytest.raises(ValueError, match="min_speed"):
+        next(model.tts(source_speech_tokens=[1, 2], flow_prompt_speech_tokens=[1],
+                       prompt_feat=np.zeros((model.config.flow.token_mel_ratio, model.config.flow.output_size),
+                                            np.float32),
+                       embedding=np.ones(model.config.flow.spk_embed_dim, np.float32), speed=0.25))
