@@ -220,8 +220,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"cached voices: {', '.join(tts.load_spkinfo(args.spkinfo)) or '(none)'}")
     limits = {"max_text_chars": args.max_text_chars, "max_pending": args.max_pending}
     limits = {k: v for k, v in limits.items() if v is not None}
-    engine = EngineConfig(**{k: v for k, v in (("slots", args.slots), ("max_pending", args.max_pending))
-                             if v is not None})
+    engine = EngineConfig(**{k: v for k, v in (("slots", args.slots), ("max_pending", args.max_pending),
+                                               ("workers", args.workers)) if v is not None})
     api_key = args.api_key or os.environ.get("COSYJAX_API_KEY") or None
     app = create_app(tts, **limits, engine_config=engine, cors_origins=tuple(args.cors_origin or ()), api_key=api_key,
                      spkinfo_dir=args.spkinfo, prompt_dir=args.prompt_dir, warmup=not args.no_warmup,
@@ -448,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-dir", default=None,
                    help="directory whose files /synthesize's prompt_audio may name (nothing outside it)")
     p.add_argument("--slots", type=int, default=None, help="LLM decode slots of the batching engine (default: 8)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads running the requests' flow and vocoder beside the LLM decode (default: 2)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on shutdown, how long in-flight requests may finish (default: 30)")
     p.add_argument("--no-warmup", action="store_true",

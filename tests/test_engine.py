@@ -312,3 +312,49 @@ def test_pipeline_through_the_engine_gives_the_same_audio(tts):
         engine.shutdown()
         tts.engine = None
     np.testing.assert_array_equal(served, direct)
+
+
+def test_flow_and_vocoder_run_on_worker_threads_one_feed_per_request_at_a_time(model, monkeypatch):
+    """Each request's flow/vocoder work (``RequestRun.feed``) runs on the engine's worker threads, beside
+    the scheduler thread's LLM decode, never on it; a request's feeds run one at a time, in order (so
+    its chunks equal its solo run's)."""
+    from cosyjax.request import RequestRun
+
+    calls, lock = [], threading.Lock()
+    real = RequestRun.feed
+
+    def feed(self, new, llm_done):
+        start = time.perf_counter()
+        try:
+            return real(self, new, llm_done)
+        finally:
+            with lock:
+                calls.append((id(self), threading.current_thread().name, start, time.perf_counter()))
+
+    monkeypatch.setattr(RequestRun, "feed", feed)
+    requests = [_request(model, 20 + i, 2 + 2 * i, 6 + i, bool(i % 2)) for i in range(4)]
+    solo = [_solo(model, kw, st)[0] for kw, st in requests]
+    calls.clear()
+    engine = Engine(model, EngineConfig(slots=4, workers=2)).start()
+    try:
+        handles = [engine.submit(**kw, stream=st) for kw, st in requests]
+        got = [_collect(h) for h in handles]
+    finally:
+        engine.shutdown()
+    for a, b in zip(got, solo):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    assert calls and all(name.startswith("cosyjax-vocoder") for _, name, _, _ in calls), {c[1] for c in calls}
+    runs = {}
+    for run, _, start, end in calls:
+        runs.setdefault(run, []).append((start, end))
+    assert len(runs) == len(requests)
+    for spans in runs.values():  # one feed of a request at a time
+        spans.sort()
+        assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))
+
+
+def test_engine_config_refuses_no_workers():
+    with pytest.raises(ValueError, match="workers"):
+        EngineConfig(workers=0)

@@ -22,6 +22,13 @@ Design (the serving design note in the README summarises it):
   ``CosyVoice3Model.tts`` drives): after every decode chunk the new tokens of each row are fed to
   its run, which performs the stream hops (flow + vocoder) those tokens allow, or, non-stream, the
   final flow + vocoder once the LLM is done; voice conversion and forced tokens skip the slots.
+- **The LLM overlaps the flow and vocoder** (the shape of sglang-omni's CosyVoice3 scheduler: the
+  AR stage beside the flow/HiFT stage).  The feeds run on ``EngineConfig.workers`` worker threads,
+  not on the scheduler thread, so the next decode chunk runs while earlier tokens are vocoded, and
+  the hops of different requests run side by side (jax releases the GIL while a program runs; on a
+  2-core CPU two requests' hops take both cores).  A request's feeds run in order, one at a time
+  (its ``_Job.feeds`` queue, drained by one worker at a time), so its output is what a solo run
+  gives.  A row is freed as soon as its LLM is done, not when its audio is.
 - **Same seed, same output.**  A row's sampling keys are its request's (``fold_in(key, step)``
   with its own step count), its cache and positions are its own and masked rows never mix, so the
   tokens do not depend on what runs beside them, on the bucket they decode in or on the row they
@@ -38,6 +45,7 @@ reader never holds up the device.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -94,15 +102,18 @@ class EngineConfig:
       slots: LLM decode rows (requests decoding at once).
       max_pending: requests waiting for a slot beyond which ``submit`` raises ``QueueFull``.
       retry_after: seconds a refused caller is told to wait.
+      workers: threads that run the requests' flow and vocoder work beside the LLM decode.
     """
 
     slots: int = 8
     max_pending: int = 64
     retry_after: float = 1.0
+    workers: int = 2
 
     def __post_init__(self):
-        if self.slots < 1 or self.max_pending < 0:
-            raise ValueError(f"EngineConfig: slots={self.slots} must be >= 1 and max_pending={self.max_pending} >= 0")
+        if self.slots < 1 or self.max_pending < 0 or self.workers < 1:
+            raise ValueError(f"EngineConfig: slots={self.slots} and workers={self.workers} must be >= 1 and "
+                             f"max_pending={self.max_pending} >= 0")
 
 
 _END = object()
@@ -181,11 +192,19 @@ class HandleGroup(list):
             handle.cancel()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Job:
+    """One admitted request.  ``slot``: its decode row (scheduler thread only).  ``feeds``: LLM tokens
+    waiting for the flow/vocoder, ``draining``: a worker is running them, ``abort``: stop before the
+    next feed, ``ended``: its handle has ended (these four under the engine's lock)."""
+
     handle: Handle
     run: RequestRun
     slot: int | None = None
+    feeds: collections.deque = dataclasses.field(default_factory=collections.deque)
+    draining: bool = False
+    abort: BaseException | None = None
+    ended: bool = False
 
 
 @dataclasses.dataclass
@@ -231,6 +250,7 @@ class Engine:
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._stopping = False
         self._accepting = True
         self._local = threading.local()  # per caller thread: the lists collect_handles() fills
@@ -238,6 +258,7 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
         if self._thread is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.config.workers, "cosyjax-vocoder")
             self._thread = threading.Thread(target=self._loop, name="cosyjax-engine", daemon=True)
             self._thread.start()
         return self
@@ -260,11 +281,17 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=60)
             self._thread = None
+        stopped = EngineStopped("the engine shut down before this request finished")
+        for job in list(self._jobs):  # a worker ends its job after the feed it is running
+            self._stop(job, stopped)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for job in list(self._pending) + list(self._jobs):
-            job.handle._end(EngineStopped("the engine shut down before this request finished"))
-        self._pending.clear()
-        self._jobs.clear()
+            self._end(job, stopped)
         with self._lock:
+            self._pending.clear()
+            self._jobs.clear()
             self._rows.clear()
 
     def warmup(self, **kwargs: Any):
@@ -392,40 +419,50 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self._pending and not self._jobs:
-                    self._lock.wait()
+                # Nothing to decode or admit: sleep until a submit or a job's end, waking now and then
+                # while jobs are being vocoded to apply their cancellations and deadlines.
+                while not self._stopping and not self._rows and not self._admissible():
+                    self._lock.wait(timeout=0.05 if self._jobs else None)
+                    if self._jobs:
+                        break
                 if self._stopping:
                     return
             try:
                 self._admit()
                 self._step()
-            except Exception as e:  # a bug in the engine itself: fail what runs, keep serving
+            except Exception as e:  # a bug in the engine itself: fail what decodes, keep serving
                 log.exception("engine step failed")
-                self._state = None  # it may have been donated to the failed call; every row is freed below
-                for job in list(self._jobs):
-                    self._finish(job, e)
+                self._state = None  # it may have been donated to the failed call: every row is freed
+                with self._lock:
+                    rows, self._rows = list(self._rows), []
+                for job in rows:
+                    job.slot = None
+                    self._stop(job, e)
+
+    def _admissible(self) -> bool:
+        """A pending request can be admitted now (caller holds the lock)."""
+        if not self._pending:
+            return False
+        return not self._pending[0].run.req.uses_llm or len(self._rows) < self.config.slots
 
     def _admit(self) -> None:
         while True:
             with self._lock:
-                if not self._pending:
+                if not self._admissible():
                     return
-                job = self._pending[0]
-                if job.run.req.uses_llm and len(self._rows) >= self.config.slots:
-                    return
-                self._pending.popleft()
-            if self._expired(job):
+                job = self._pending.popleft()
+                self._jobs.append(job)
+            if job.handle.cancelled or self._late(job):
+                self._stop(job, self._stop_reason(job))
                 continue
             try:
                 if job.run.req.uses_llm:
                     self._insert(job)
                 else:  # voice conversion / forced tokens: no LLM, no slot
                     req = job.run.req
-                    given = req.source_speech if req.source_speech is not None else req.forced_tokens
-                    self._jobs.append(job)
-                    self._deliver(job, job.run.feed(given, True))
+                    self._feed(job, req.source_speech if req.source_speech is not None else req.forced_tokens, True)
             except Exception as e:
-                self._finish(job, e)
+                self._stop(job, e)
 
     def _insert(self, job: _Job) -> None:
         model = self.model
@@ -437,15 +474,17 @@ class Engine:
         job.slot = slot
         with self._lock:
             self._rows.append(job)
-        self._jobs.append(job)
 
     def _step(self) -> None:
-        for job in list(self._jobs):  # cancelled and expired requests free their slot first
-            if job.handle.cancelled:
-                self._finish(job, RequestCancelled("cancelled"))
-            else:
-                self._expired(job)
-        decoding = list(self._rows)  # row r of this chunk is decoding[r] (a finish below may move rows)
+        for job in list(self._rows):  # a request that failed on a worker frees its row
+            if job.ended:
+                self._free_row(job)
+        for job in list(self._jobs):  # cancelled and expired requests stop, freeing their row first
+            if not job.ended and (job.handle.cancelled or self._late(job)):
+                if job.slot is not None:
+                    self._free_row(job)
+                self._stop(job, self._stop_reason(job))
+        decoding = list(self._rows)  # row r of this chunk is decoding[r]
         if not decoding:
             return
         model = self.model
@@ -459,23 +498,68 @@ class Engine:
         for row, job in enumerate(decoding):
             new = tokens[row, :counts[row]]
             self.metrics.tokens += int(new.size)
-            try:
-                self._deliver(job, job.run.feed(new, bool(done[row])))
-            except Exception as e:
-                self._finish(job, e)
+            self._feed(job, new, bool(done[row]))
+        for row, job in enumerate(decoding):  # a row whose LLM is done is free now (its audio may follow)
+            if done[row] and job.slot is not None:
+                self._free_row(job)
 
-    def _deliver(self, job: _Job, chunks: list[dict[str, np.ndarray]]) -> None:
-        for chunk in chunks:
-            job.handle._put(chunk)
-        if job.run.finished:
-            self._finish(job, None)
+    # ------------------------------------------------------------------ flow + vocoder, on the workers
+    def _feed(self, job: _Job, tokens: Any, llm_done: bool) -> None:
+        """Queue LLM tokens for ``job``'s run; a worker drains its queue in order."""
+        with self._lock:
+            if job.ended:
+                return
+            job.feeds.append((tokens, llm_done))
+            if job.draining:
+                return
+            job.draining = True
+        self._pool.submit(self._drain, job)
 
-    def _expired(self, job: _Job) -> bool:
-        deadline = job.handle.deadline
-        if deadline is not None and time.monotonic() > deadline:
-            self._finish(job, DeadlineExceeded(f"request {job.handle.id} missed its deadline"))
-            return True
-        return False
+    def _drain(self, job: _Job) -> None:
+        """Run ``job``'s queued feeds in order (one worker per job at a time), delivering its chunks."""
+        with jax.default_device(self.device) if self.device is not None else contextlib.nullcontext():
+            while True:
+                with self._lock:
+                    if job.handle.cancelled and job.abort is None:
+                        job.abort = RequestCancelled("cancelled")
+                    if job.ended or job.abort is not None or not job.feeds:
+                        job.draining = False
+                        stop = None if job.ended else job.abort
+                        break
+                    tokens, llm_done = job.feeds.popleft()
+                try:
+                    chunks = job.run.feed(tokens, llm_done)
+                except Exception as e:  # this request's own failure (its row is freed by the scheduler)
+                    stop = e
+                    break
+                for chunk in chunks:
+                    job.handle._put(chunk)
+                if job.run.finished:
+                    stop = None
+                    break
+        if stop is not None or job.run.finished:
+            with self._lock:
+                job.draining = False
+            self._end(job, stop)
+
+    def _late(self, job: _Job) -> bool:
+        return job.handle.deadline is not None and time.monotonic() > job.handle.deadline
+
+    def _stop_reason(self, job: _Job) -> BaseException:
+        if job.handle.cancelled:
+            return RequestCancelled("cancelled")
+        return DeadlineExceeded(f"request {job.handle.id} missed its deadline")
+
+    def _stop(self, job: _Job, error: BaseException) -> None:
+        """End ``job`` with ``error``: now, or, while a worker runs one of its feeds, after that feed."""
+        with self._lock:
+            if job.ended:
+                return
+            if job.abort is None:
+                job.abort = error
+            if job.draining:
+                return
+        self._end(job, error)
 
     def _free_row(self, job: _Job) -> None:
         """Free ``job``'s decode row, keeping the busy rows packed: the last busy row moves into it
@@ -498,11 +582,20 @@ class Engine:
                 self._rows.pop()
         job.slot = None
 
-    def _finish(self, job: _Job, error: BaseException | None) -> None:
-        if job.slot is not None:
-            self._free_row(job)
-        if job in self._jobs:
-            self._jobs.remove(job)
+    def _end(self, job: _Job, error: BaseException | None) -> None:
+        """The request is over (any thread; once): count it and end its handle.  Its decode row, if it
+        still has one, is freed by the scheduler at its next step (``job.ended``)."""
+        with self._lock:
+            if job.ended:
+                return
+            job.ended = True
+            if job in self._jobs:
+                self._jobs.remove(job)
+            self._count(job, error)
+            self._lock.notify_all()
+        job.handle._end(error)
+
+    def _count(self, job: _Job, error: BaseException | None) -> None:
         m = self.metrics
         if error is None:
             m.completed += 1
@@ -516,7 +609,6 @@ class Engine:
             m.cancelled += 1
         else:
             m.failed += 1
-        job.handle._end(error)
 
 
 __all__ = ["DeadlineExceeded", "Engine", "EngineConfig", "EngineMetrics", "EngineStopped", "Handle", "HandleGroup",
