@@ -43,8 +43,16 @@ def _spec(x: Any) -> Any:
 def program_key(fn: Callable, args: tuple, static: dict) -> tuple:
     """What identifies a program: the function, its static arguments and the argument shapes/dtypes."""
     leaves, tree = jax.tree.flatten(args)
-    shapes = tuple((s.shape, str(s.dtype), bool(s.weak_type)) for s in map(_spec, leaves))
-    return (fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), tree, shapes)
+    return (fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), tree, tuple(map(_leaf_key, leaves)))
+
+
+def _leaf_key(x: Any) -> tuple:
+    # Arrays and specs directly: building a ShapeDtypeStruct per leaf was ~7 % of a tiny-model request
+    # (the weights are hundreds of leaves, keyed on every call).
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+        return x.shape, x.dtype, bool(getattr(x, "weak_type", False))
+    s = _spec(x)
+    return s.shape, s.dtype, bool(s.weak_type)
 
 
 @dataclasses.dataclass
