@@ -27,8 +27,10 @@ Design (the serving design note in the README summarises it):
   not on the scheduler thread, so the next decode chunk runs while earlier tokens are vocoded, and
   the hops of different requests run side by side (jax releases the GIL while a program runs; on a
   2-core CPU two requests' hops take both cores).  A request's feeds run in order, one at a time
-  (its ``_Job.feeds`` queue, drained by one worker at a time), so its output is what a solo run
-  gives.  A row is freed as soon as its LLM is done, not when its audio is.
+  (its ``_Job.feeds`` queue, one worker task at a time), so its output is what a solo run gives;
+  each task runs one feed and queues the next behind the other requests' (round robin, so a new
+  request's first chunk does not wait for an old request's backlog).  A row is freed as soon as
+  its LLM is done, not when its audio is.
 - **Same seed, same output.**  A row's sampling keys are its request's (``fold_in(key, step)``
   with its own step count), its cache and positions are its own and masked rows never mix, so the
   tokens do not depend on what runs beside them, on the bucket they decode in or on the row they
@@ -513,34 +515,53 @@ class Engine:
             if job.draining:
                 return
             job.draining = True
-        self._pool.submit(self._drain, job)
+        self._submit_drain(job)
 
     def _drain(self, job: _Job) -> None:
-        """Run ``job``'s queued feeds in order (one worker per job at a time), delivering its chunks."""
-        with jax.default_device(self.device) if self.device is not None else contextlib.nullcontext():
-            while True:
-                with self._lock:
-                    if job.handle.cancelled and job.abort is None:
-                        job.abort = RequestCancelled("cancelled")
-                    if job.ended or job.abort is not None or not job.feeds:
-                        job.draining = False
-                        stop = None if job.ended else job.abort
-                        break
-                    tokens, llm_done = job.feeds.popleft()
-                try:
-                    chunks = job.run.feed(tokens, llm_done)
-                except Exception as e:  # this request's own failure (its row is freed by the scheduler)
-                    stop = e
-                    break
-                for chunk in chunks:
-                    job.handle._put(chunk)
-                if job.run.finished:
-                    stop = None
-                    break
-        if stop is not None or job.run.finished:
+        """Run ``job``'s next queued feed and deliver its chunks; while more are queued, queue itself again
+        behind the other requests' work (round robin: a request with a backlog of tokens does not hold a
+        worker while a new request waits for its first chunk).  One task per job at a time, so its feeds
+        run in order."""
+        with self._lock:
+            if job.handle.cancelled and job.abort is None:
+                job.abort = RequestCancelled("cancelled")
+            if job.ended or job.abort is not None or not job.feeds:
+                job.draining = False
+                stop = None if job.ended else job.abort
+                if stop is None:
+                    return
+            else:
+                stop = None
+                tokens, llm_done = job.feeds.popleft()
+        if stop is not None:
+            self._end(job, stop)
+            return
+        try:
+            with jax.default_device(self.device) if self.device is not None else contextlib.nullcontext():
+                chunks = job.run.feed(tokens, llm_done)
+        except Exception as e:  # this request's own failure (its row is freed by the scheduler)
             with self._lock:
                 job.draining = False
-            self._end(job, stop)
+            self._end(job, e)
+            return
+        for chunk in chunks:
+            job.handle._put(chunk)
+        with self._lock:
+            more = not job.run.finished and (bool(job.feeds) or job.abort is not None or job.handle.cancelled)
+            if not more:
+                job.draining = False
+        if job.run.finished:
+            self._end(job, None)
+        elif more:
+            self._submit_drain(job)
+
+    def _submit_drain(self, job: _Job) -> None:
+        try:
+            self._pool.submit(self._drain, job)
+        except (RuntimeError, AttributeError):  # the pool is shut down (engine shutdown): stop here
+            with self._lock:
+                job.draining = False
+            self._end(job, EngineStopped("the engine shut down before this request finished"))
 
     def _late(self, job: _Job) -> bool:
         return job.handle.deadline is not None and time.monotonic() > job.handle.deadline
