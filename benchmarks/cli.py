@@ -2,7 +2,7 @@
 
     python -m benchmarks [--all | --stages llm,flow,hift,e2e,stream] [--reference-repo PATH]
                          [--json FILE] [--markdown FILE] [--quick] [--seconds N] [--batch-sizes 1,8,32]
-                         [--repeats N] [--isolate] [--dry-run] [--batch-release DIR]
+                         [--repeats N] [--dtypes float32,bfloat16] [--isolate] [--dry-run] [--batch-release DIR]
 
 Extra stages, only when named in --stages: hift_stream, flow_stream, batch (``cosyjax batch`` throughput
 on a 64-line manifest per batch size, tiny release dims: see benchmarks/batch.py), first_chunk (a streamed
@@ -11,9 +11,16 @@ tiny release: see benchmarks/first_chunk.py), serve (``cosyjax serve`` under con
 requests vs one at a time, tiny release: see benchmarks/serve.py).
 
 Stages always run in the order llm, flow, hift, e2e, stream, in one process that builds each random
-model once: the stage rows compile the programs the e2e request uses (same padded shapes), so e2e
-needs no warm-up call of its own.  ``--isolate`` runs every stage in a fresh subprocess instead
+model once (the flow and HiFT rows compile the e2e request's flow and vocoder programs; its LLM runs in
+the model's own KV cache, so e2e makes one warm-up call).  ``--isolate`` runs every stage in a fresh subprocess instead
 (per-stage memory from a clean process; slower: each stage then builds and warms up by itself).
+
+``--dtypes float32,bfloat16``: the llm, flow, hift and e2e stages run one cosyjax row per precision policy
+(``PrecisionPolicy.resolve(dtype)``; bf16 rows are named "..., bf16"), on the same random weights and inputs;
+upstream (PyTorch, float32) is timed once per workload and every row's ratio is against that timing.  The
+JSON records each row's ``dtype`` and what ``auto`` picks per stage on this backend (``settings.auto_policy``),
+the markdown prints both, and bf16 / float32 time per workload next to the auto pick.  Default: float32.
+A row whose output holds NaN/inf fails (its ``error``; exit status 1).
 
 Defaults: batch sizes 1,8,32 on CPU and 1,16,64 on GPU; one timed repeat after the warm-up on CPU
 (three for HiFT), three on GPU; 10 s of speech.  ``--quick``: tiny dims, 2 s, batch sizes 1,2.
@@ -33,8 +40,8 @@ import time
 import traceback
 from typing import Any
 
-from benchmarks.common import SCHEMA, REPO, log, machine_info, markdown_report
-from benchmarks.workload import EXTRA_STAGES, STAGES, Workload, make_workload
+from benchmarks.common import SCHEMA, REPO, auto_policy, dtype_comparison, log, machine_info, markdown_report
+from benchmarks.workload import DTYPE_STAGES, EXTRA_STAGES, STAGES, Workload, make_workload, parse_dtypes
 
 # Quiet 2-core CPU (project machine, 2026-11-25), full size, seconds: BENCHMARKS.md and the
 # measurements of this entry.  Only used to print the expected run time.
@@ -61,6 +68,11 @@ CPU_COST = {
     # serve stage: tiny release, 16 requests x (3 sequential passes + server start-up + 4 server passes), 711 s
     # and 754 s (2026-12-04, AMD 2-core, load 2-9 from other jobs)
     "serve": 730.0,
+    # --dtypes: a row's cosyjax time (compile and model build included) relative to its float32 row.  Only the
+    # LLM decode step is measured apart (../shared/ENV.md: a release-dims decode step 200-500 ms in bf16 against
+    # 70-90 ms in float32, XLA:CPU's bf16 matrix-vector slow path); everything else is taken as float32's,
+    # i.e. the cosyjax part scales with the number of dtypes.
+    "dtype_factor": {"float32": {}, "bfloat16": {"llm_step": 4.0}},
 }
 
 
@@ -75,16 +87,49 @@ def _interp(table: dict[int, float], x: int) -> float:
     return table[b] + (table[b] - table[a]) * (x - b) / (b - a)
 
 
+def _e2e_prewarmed(wl: Workload) -> bool:
+    """Whether the llm, flow and hift rows compile every program the e2e request uses (what
+    ``benchmarks.e2e._ours_prewarmed`` finds at run time): an LLM row at bs 1 decoding in the model's KV-cache
+    size, and the same flow token and HiFT mel buckets.  The LLM rows decode in their request's own cache
+    (``lm.prepare``'s default) and ``CosyVoice3Model`` in the one size its ``Limits`` give, so today the e2e
+    row makes a full warm-up call."""
+    import jax
+
+    from cosyjax.flow.flow import token_bucket
+    from cosyjax.hift.generator import mel_bucket
+    from cosyjax.limits import Limits
+    from cosyjax.llm import lm
+
+    req = wl.llm_request(0)
+    prepared = lm.prepare(wl.config.llm, [lm.LMRequest.zero_shot(req["text"], req["prompt_text"],
+                                                                 req["prompt_speech"])],
+                          jax.random.split(jax.random.key(0), 1))
+    ratio = wl.config.flow.token_mel_ratio
+    return (1 in wl.batch_sizes
+            and prepared.cache_len == Limits().cache_len(wl.config.token_frame_rate, lm.bucket)
+            and token_bucket(wl.prompt_tokens + wl.flow_tokens) == token_bucket(wl.prompt_tokens + wl.e2e_tokens)
+            and mel_bucket(wl.hift_frames) == mel_bucket(ratio * wl.e2e_tokens))
+
+
 def estimate(wl: Workload, stages: list[str], reference: bool, isolate: bool = False) -> dict[str, float] | None:
-    """Expected seconds per stage on the quiet 2-core CPU machine (None: no model for this setup)."""
+    """Expected seconds per stage on the quiet 2-core CPU machine (None: no model for this setup).
+
+    The cosyjax part of the llm, flow, hift and e2e stages is summed over ``wl.dtypes`` (times
+    ``CPU_COST["dtype_factor"]``); upstream's part is counted once.
+    """
     if wl.quick:
-        return {s: 6.0 for s in stages} | {"startup": CPU_COST["startup"]}
+        return {s: 6.0 * (len(wl.dtypes) if s in DTYPE_STAGES else 1) for s in stages} | {"startup": CPU_COST["startup"]}
     from cosyjax.flow.flow import token_bucket
     from cosyjax.hift.generator import mel_bucket
     from cosyjax.llm.lm import bucket
 
     c = CPU_COST
     sides = ("cosyjax", "upstream") if reference else ("cosyjax",)
+    # (side, dtype) of every measurement of a --dtypes stage: cosyjax once per dtype, upstream once
+    runs = [("cosyjax", d) for d in wl.dtypes] + ([("upstream", "float32")] if reference else [])
+
+    def factor(dtype, what):
+        return c["dtype_factor"].get(dtype, {}).get(what, 1.0)
     flow_cfg, hift_cfg = wl.config.flow, wl.config.hift
     prompt_len = 1 + wl.prompt_text_len + wl.e2e_text_len + 1 + wl.prompt_tokens
 
@@ -96,9 +141,10 @@ def estimate(wl: Workload, stages: list[str], reference: bool, isolate: bool = F
         frames = mel_bucket(frames) if side == "cosyjax" else frames
         return c["hift_audio_s"][side] * frames * hift_cfg.upsample_scale / hift_cfg.sampling_rate
 
-    def llm_s(side, batch, steps):
+    def llm_s(side, batch, steps, dtype="float32"):
         prefill = c["llm_prefill_token_ms"][side] * batch * (bucket(prompt_len) if side == "cosyjax" else prompt_len)
-        return 1e-3 * (prefill + steps * _interp(c["llm_step_ms"][side], batch))
+        return 1e-3 * (prefill * factor(dtype, "llm_prefill")
+                       + steps * _interp(c["llm_step_ms"][side], batch) * factor(dtype, "llm_step"))
 
     def build(names):
         return sum(c["build"][n] + (c["build_reference"][n] if reference else 0.0) for n in names)
@@ -114,31 +160,39 @@ def estimate(wl: Workload, stages: list[str], reference: bool, isolate: bool = F
     if "llm" in stages:
         t = need(["llm"])
         for i, b in enumerate(wl.batch_sizes):
-            t += c["llm_compile"] + llm_s("cosyjax", b, 1) + wl.repeats["llm"] * llm_s("cosyjax", b, wl.llm_steps)
-            if reference:
-                t += (0.0 if i else llm_s("upstream", b, 1)) + wl.repeats["llm"] * llm_s("upstream", b, wl.llm_steps)
+            for side, d in runs:
+                if side == "cosyjax":
+                    t += (c["llm_compile"] + llm_s(side, b, 1, d)
+                          + wl.repeats["llm"] * llm_s(side, b, wl.llm_steps, d))
+                else:
+                    t += (0.0 if i else llm_s(side, b, 1)) + wl.repeats["llm"] * llm_s(side, b, wl.llm_steps)
         est["llm"] = t
     if "flow" in stages:
         t = need(["flow"])
-        for side in sides:
-            warm = c["flow_compile"] + flow_s(side, wl.flow_tokens, wl.prompt_tokens) if side == "cosyjax" else 1.0
-            t += warm + wl.repeats["flow"] * flow_s(side, wl.flow_tokens, wl.prompt_tokens)
+        for side, d in runs:
+            one = flow_s(side, wl.flow_tokens, wl.prompt_tokens) * factor(d, "flow")
+            warm = c["flow_compile"] + one if side == "cosyjax" else 1.0
+            t += warm + wl.repeats["flow"] * one
         est["flow"] = t
     if "hift" in stages:
         t = need(["hift"])
-        for side in sides:
-            warm = c["hift_compile"] + hift_s(side, wl.hift_frames) if side == "cosyjax" else 0.5
-            t += warm + wl.repeats["hift"] * hift_s(side, wl.hift_frames)
+        for side, d in runs:
+            one = hift_s(side, wl.hift_frames) * factor(d, "hift")
+            warm = c["hift_compile"] + one if side == "cosyjax" else 0.5
+            t += warm + wl.repeats["hift"] * one
         est["hift"] = t
     e2e_frames = flow_cfg.token_mel_ratio * wl.e2e_tokens
     shared = not isolate and {"llm", "flow", "hift"} <= set(stages)
     if "e2e" in stages:
-        t = need(["llm", "flow", "hift"]) + c["model_build"]
-        for side in sides:
-            one = (llm_s(side, 1, wl.e2e_tokens) + flow_s(side, wl.e2e_tokens, wl.prompt_tokens)
-                   + hift_s(side, e2e_frames))
-            warm = 0.0 if shared else (one + c["llm_compile"] + c["flow_compile"] + c["hift_compile"]
-                                       if side == "cosyjax" else 0.3 * one)
+        prewarmed = shared and _e2e_prewarmed(wl)
+        t = need(["llm", "flow", "hift"]) + c["model_build"] * len(wl.dtypes)
+        for side, d in runs:
+            one = (llm_s(side, 1, wl.e2e_tokens, d) + flow_s(side, wl.e2e_tokens, wl.prompt_tokens) * factor(d, "flow")
+                   + hift_s(side, e2e_frames) * factor(d, "hift"))
+            if side == "cosyjax":
+                warm = 0.0 if prewarmed else one + c["llm_compile"] + c["flow_compile"] + c["hift_compile"]
+            else:
+                warm = 0.0 if shared else 0.3 * one  # eager torch: a short request unless its modules ran
             t += warm + wl.repeats["e2e"] * one
         est["e2e"] = t
     if "stream" in stages:
@@ -205,6 +259,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-sizes", default=None, help="LLM batch sizes (default CPU 1,8,32; GPU 1,16,64)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats after the warm-up, every stage")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtypes", default="float32",
+                    help="comma-separated cosyjax precision policies, one row each in the llm, flow, hift and e2e "
+                         "stages: float32 (default), bfloat16 (e.g. float32,bfloat16); upstream runs float32 once")
     ap.add_argument("--isolate", action="store_true", help="one fresh subprocess per stage")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate only")
     ap.add_argument("--batch-release", default=None,
@@ -226,6 +283,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers")
     else:
         args.batch_tuple = None
+    try:
+        args.dtype_tuple = parse_dtypes(args.dtypes)
+    except ValueError as e:
+        ap.error(str(e))
     if args.reference_repo and not os.path.isdir(args.reference_repo):
         ap.error(f"--reference-repo {args.reference_repo}: no such directory")
     return args
@@ -247,6 +308,13 @@ def _notes(wl: Workload, reference: bool, stages: list[str]) -> list[str]:
         "Peak RSS: process peak during that side's calls (kernel high-water mark reset before them); "
         "(+x) is the growth over the RSS at their start. Both sides' weights stay resident throughout.",
     ]
+    if "bfloat16" in wl.dtypes and set(stages) & set(DTYPE_STAGES):
+        notes.append("bf16 rows (', bf16'): cosyjax under PrecisionPolicy.resolve('bfloat16') (matmuls and convs with "
+                     "bf16 operands and float32 accumulation, params cast to bf16 except HiFT's f0 net; no float64) on "
+                     "the float32 rows' weights and inputs. Their outputs column compares with upstream's float32 "
+                     "output as the float32 row does, so it shows bf16 rounding (not a failure; NaN/inf is); "
+                     "extra.vs_float32 compares with the float32 row. Upstream ran once per workload (float32): "
+                     "every row's ratio divides by that one timing. The stream rows and the extra stages run float32.")
     if "batch" in stages:
         notes.append("Batch: cosyjax.batch.run_batch on the whole manifest (frontend, prompt features, LLM, flow and "
                      "HiFT batched, wav writing), timed after a warm-up run of the same manifest; the tiny release's "
@@ -314,14 +382,14 @@ def main(argv: list[str] | None = None) -> int:
 
     backend = jax.default_backend()
     wl = make_workload(quick=args.quick, seconds=args.seconds, batch_sizes=args.batch_tuple,
-                       repeats=args.repeats, backend=backend, seed=args.seed)
+                       repeats=args.repeats, backend=backend, seed=args.seed, dtypes=args.dtype_tuple)
     reference = args.reference_repo is not None
     est = estimate(wl, args.stage_list, reference, args.isolate) if backend == "cpu" else None
     total_est = sum(est.values()) if est else None
     size = "quick (tiny dims)" if wl.quick else "full size"
     log(f"# cosyjax benchmarks: stages {','.join(args.stage_list)}; {size}, "
         f"{wl.seconds:g} s of speech, batch sizes {','.join(map(str, wl.batch_sizes))}, repeats {dict(wl.repeats)}, "
-        f"backend {backend}; upstream: {args.reference_repo or 'no'}")
+        f"dtypes {','.join(wl.dtypes)}, backend {backend}; upstream: {args.reference_repo or 'no'}")
     if est and backend == "cpu":
         per = ", ".join(f"{k} {v:.0f} s" for k, v in est.items())
         log(f"# expected on a quiet 2-core CPU: {total_est:.0f} s ({total_est / 60:.1f} min): {per}")
@@ -355,7 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         for stage in args.stage_list:
             t0 = time.perf_counter()
             try:
-                rows += runners[stage](bundle)
+                stage_rows = runners[stage](bundle)
+                rows += stage_rows
+                for row in stage_rows:  # a failed row (NaN/inf output) fails the run, its stage's rows stay
+                    if row.get("error"):
+                        log(f"[{stage}] FAILED: {row['name']}: {row['error']}")
+                        errors.append({"stage": stage, "row": row["name"], "error": f"{row['name']}: {row['error']}"})
             except Exception as e:  # noqa: BLE001 - report, go on with the other stages
                 log(f"[{stage}] FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}")
                 errors.append({"stage": stage, "error": f"{type(e).__name__}: {e}"})
@@ -363,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             machine["load_average_stages"][stage] = [round(x, 2) for x in os.getloadavg()]
             log(f"[{stage}] done in {elapsed[stage]:.0f} s")
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    auto = auto_policy(backend)
     result = {
         "schema": SCHEMA,
         "machine": machine,
@@ -371,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                      "isolate": args.isolate, "reference_repo": args.reference_repo,
                      "xla_python_client_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
                      "upstream_commit": upstream_commit,
+                     "dtypes": list(wl.dtypes), "dtype_stages": list(DTYPE_STAGES), "upstream_dtype": "float32",
+                     "auto_policy": auto,
                      "sizes": {"prompt_tokens": wl.prompt_tokens, "prompt_text_tokens": wl.prompt_text_len,
                                "flow_tokens": wl.flow_tokens, "hift_frames": wl.hift_frames,
                                "e2e_text_tokens": wl.e2e_text_len, "e2e_speech_tokens": wl.e2e_tokens,
@@ -380,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": time.perf_counter() - start,
         "elapsed_by_stage_s": elapsed,
         "rows": rows,
+        "dtype_comparison": dtype_comparison(rows, auto),
         "errors": errors,
         "notes": _notes(wl, reference, args.stage_list),
     }

@@ -3,6 +3,8 @@
 A *row* is a plain dict (JSON-ready) with these keys (``None`` where a value does not apply)::
 
     stage, name, workload, unit, batch
+    dtype                  the cosyjax precision policy the row ran ("float32" or "bfloat16"; see
+                           ``--dtypes``); a bf16 row's name ends in ", bf16" (``dtype_name``)
     cosyjax                timed value (best of the timed repeats) in ``unit``
     cosyjax_warmup_s       wall time of the warm-up call(s) that preceded the timed ones
     cosyjax_compile_s      JAX trace + lower + compile seconds spent in that warm-up (jax.monitoring)
@@ -11,9 +13,14 @@ A *row* is a plain dict (JSON-ready) with these keys (``None`` where a value doe
     upstream               the same workload through upstream's PyTorch modules, same weights
     upstream_device        where the PyTorch side ran ("cpu" / "cuda")
     ratio                  cosyjax / upstream (< 1: cosyjax is faster)
-    agreement, max_diff    how the two outputs compare, where they are comparable
+    agreement, max_diff    how the two outputs compare, where they are comparable (a bf16 row against
+                           upstream's float32 output, computed as for the float32 row)
+    error                  set when the row failed (a non-finite output): the run then exits 1
     memory                 {"cosyjax": {...}, "upstream": {...}} from ``MemoryProbe``
-    extra                  stage-specific details (ms/step, RTF, token counts, ...)
+    extra                  stage-specific details (ms/step, RTF, token counts, ...); every row that ran
+                           under a policy has ``precision`` (the stage's compute dtype, attention path,
+                           f0_float64) and ``params_dtype`` (the float dtypes of the params it ran on), a
+                           bf16 row ``vs_float32`` (its output against the float32 row's)
     warnings               list of strings (shown with a ⚠ in the table)
 """
 
@@ -283,9 +290,25 @@ def machine_info() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Rows and the table
 # --------------------------------------------------------------------------------------------
-def new_row(stage: str, name: str, workload: str, unit: str, batch: int | None = None) -> dict[str, Any]:
-    return {"stage": stage, "name": name, "workload": workload, "unit": unit, "batch": batch,
-            "cosyjax": None, "cosyjax_warmup_s": None, "cosyjax_compile_s": None, "cosyjax_timed_compiles": None,
+DTYPE_SUFFIX = {"float32": "", "bfloat16": ", bf16"}
+
+
+def dtype_name(name: str, dtype: str) -> str:
+    """A row's name under ``dtype``: "Flow" (float32, the rows' names before --dtypes) / "Flow, bf16"."""
+    return name + DTYPE_SUFFIX[dtype]
+
+
+def base_name(row: dict[str, Any]) -> str:
+    """The row's name without its dtype suffix (what the float32 and bf16 rows of one workload share)."""
+    suffix = DTYPE_SUFFIX.get(row.get("dtype") or "float32", "")
+    return row["name"][:-len(suffix)] if suffix and row["name"].endswith(suffix) else row["name"]
+
+
+def new_row(stage: str, name: str, workload: str, unit: str, batch: int | None = None,
+            dtype: str = "float32") -> dict[str, Any]:
+    """An empty row; ``name`` is the float32 name, a bf16 row gets ``dtype_name``'s suffix."""
+    return {"stage": stage, "name": dtype_name(name, dtype), "workload": workload, "unit": unit, "batch": batch,
+            "dtype": dtype, "cosyjax": None, "cosyjax_warmup_s": None, "cosyjax_compile_s": None, "cosyjax_timed_compiles": None,
             "cosyjax_timed_compile_s": None, "upstream": None, "upstream_device": None, "ratio": None,
             "agreement": None, "max_diff": None, "memory": {}, "extra": {}, "warnings": []}
 
@@ -310,6 +333,122 @@ def finish_row(row: dict[str, Any]) -> dict[str, Any]:
     if row["cosyjax"] is not None and row["upstream"]:
         row["ratio"] = row["cosyjax"] / row["upstream"]
     return row
+
+
+# --------------------------------------------------------------------------------------------
+# Precision: what a row ran under, and its output checks
+# --------------------------------------------------------------------------------------------
+def set_precision(row: dict[str, Any], policy: Any, stage: str | None, params: Any) -> dict[str, Any]:
+    """Record the ``PrecisionPolicy`` a row ran under (``stage``: its stage's ``Precision``; None: the whole
+    policy, the e2e rows) and the float dtypes of the params it ran on."""
+    if stage is None:
+        prec = {s: policy.stage(s).compute for s in ("llm", "flow", "hift")} | {"compute": policy.name}
+    else:
+        p = policy.stage(stage)
+        prec = {"compute": p.compute, "attention": p.attention}
+    if stage in (None, "hift"):
+        prec["f0_float64"] = bool(policy.f0_float64)
+    row["extra"]["precision"] = prec
+    row["extra"]["params_dtype"] = params_dtype(params)
+    return row
+
+
+def params_dtype(tree: Any) -> str:
+    """The float dtypes of a params tree's leaves, e.g. "bfloat16+float32" (HiFT keeps its f0 net float32)."""
+    import jax
+    import numpy as np
+
+    kinds = set()
+    for leaf in jax.tree.leaves(tree):
+        dt = np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
+        if dt.kind == "f" or dt.name == "bfloat16":
+            kinds.add(dt.name)
+    return "+".join(sorted(kinds))
+
+
+def non_finite(row: dict[str, Any], what: str, value: Any) -> bool:
+    """Fail ``row`` (its ``error``, shown in the table; the run exits 1) when ``value`` holds NaN/inf."""
+    import numpy as np
+
+    arr = np.asarray(value, np.float64)
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        msg = f"{what}: {bad} of {arr.size} values are NaN/inf"
+        row["error"] = msg if not row.get("error") else f"{row['error']}; {msg}"
+    return bool(bad)
+
+
+def snr_db(out: Any, ref: Any) -> float:
+    """10 log10(|ref|^2 / |out - ref|^2) in float64 (both floored at 1e-30)."""
+    import numpy as np
+
+    ref = np.asarray(ref, np.float64)
+    err = max(float(np.sum((np.asarray(out, np.float64) - ref) ** 2)), 1e-30)
+    return float(10 * np.log10(max(float(np.sum(ref ** 2)), 1e-30) / err))
+
+
+def stage_row(stage: str, name: str, workload: str, dtype: str, m: Measured, policy: Any, params: Any,
+              audio_s: float, output: str) -> dict[str, Any]:
+    """The cosyjax row of one whole-stage measurement (flow, HiFT) under ``policy``: time, precision, RTF
+    over ``audio_s``, and a failure when its ``output`` (named for the error) is not finite."""
+    row = new_row(stage, name, workload, "s", dtype=dtype)
+    set_cosyjax(row, m, m.best)
+    set_precision(row, policy, stage, params)
+    row["extra"]["cosyjax_rtf"] = m.best / audio_s
+    non_finite(row, output, m.output)
+    return row
+
+
+def rows_vs_float32(rows: list[dict[str, Any]], outputs: dict[str, Any]) -> None:
+    """``vs_float32`` for every non-float32 row of one workload (``outputs``: by dtype)."""
+    for row in rows:
+        if row["dtype"] != "float32" and "float32" in outputs:
+            vs_float32(row, outputs[row["dtype"]], outputs["float32"])
+
+
+def vs_float32(row: dict[str, Any], out: Any, ref32: Any) -> None:
+    """A bf16 row's output against the float32 row's (same inputs, same weights): max diff, largest
+    float32 value and SNR in ``extra["vs_float32"]``."""
+    import numpy as np
+
+    out, ref32 = np.asarray(out, np.float64), np.asarray(ref32, np.float64)
+    if out.shape != ref32.shape:
+        row["extra"]["vs_float32"] = {"shape": list(out.shape), "float32_shape": list(ref32.shape)}
+        return
+    row["extra"]["vs_float32"] = {"max_diff": float(np.abs(out - ref32).max()) if out.size else 0.0,
+                                  "largest_float32": float(np.abs(ref32).max()) if out.size else 0.0,
+                                  "snr_db": snr_db(out, ref32)}
+
+
+def auto_policy(backend: str) -> dict[str, Any]:
+    """What ``PrecisionPolicy.resolve("auto", backend)`` picks per stage (JSON-ready)."""
+    from cosyjax.precision import PrecisionPolicy
+
+    p = PrecisionPolicy.resolve("auto", backend)
+    return {"backend": backend, "llm": p.llm.compute, "flow": p.flow.compute, "hift": p.hift.compute,
+            "attention": p.llm.attention, "f0_float64": bool(p.f0_float64), "name": p.name}
+
+
+def dtype_comparison(rows: list[dict[str, Any]], auto: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each workload measured under float32 and bf16: bf16 / float32 time, the faster dtype and whether
+    the auto policy picks it (the rows' values are times: lower is faster)."""
+    by: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("cosyjax") is not None and not r.get("error"):
+            by.setdefault((r["stage"], base_name(r)), {})[r.get("dtype") or "float32"] = r
+    out = []
+    for (stage, name), pair in by.items():
+        if not {"float32", "bfloat16"} <= set(pair):
+            continue
+        f32, bf16 = pair["float32"]["cosyjax"], pair["bfloat16"]["cosyjax"]
+        faster = "bfloat16" if bf16 < f32 else "float32"
+        picks = None
+        if auto:
+            picks = auto.get(stage) if stage in ("llm", "flow", "hift") else auto.get("name")
+        out.append({"stage": stage, "name": name, "float32": f32, "bfloat16": bf16,
+                    "bf16_over_float32": bf16 / f32 if f32 else None, "faster": faster, "auto": picks,
+                    "auto_picks_faster": None if picks is None else picks == faster})
+    return out
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -350,8 +489,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         for w in r.get("warnings") or []:
             warm += f" ⚠ {w}"
         ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        outputs = r["agreement"] or "–"
+        if r.get("error"):
+            outputs = f"✗ {r['error']}" + ("" if outputs == "–" else f"; {outputs}")
         lines.append(f"| {r['name']} | {r['workload']} | {_fmt(r['cosyjax'], r['unit'])} | {warm} | "
-                     f"{_fmt(r['upstream'], r['unit'])} | {ratio} | {r['agreement'] or '–'} | "
+                     f"{_fmt(r['upstream'], r['unit'])} | {ratio} | {outputs} | "
                      f"{_mem_cell(r['memory'])} |")
     return head + "\n".join(lines) + "\n"
 
@@ -366,11 +508,20 @@ def markdown_report(result: dict[str, Any]) -> str:
              f"load average at start {m['load_average_start']}; jax {v['jax']}, flax {v['flax']}, "
              f"torch {v['torch']}, transformers {v['transformers']}, Python {m['python']}; "
              + (f"upstream {s['reference_repo']} @ {up}" if s.get("reference_repo") else "no upstream (cosyjax only)")
-             + f"; {'quick (tiny dims)' if s['quick'] else 'full-size release dims'}, random weights, float32. "
+             + f"; {'quick (tiny dims)' if s['quick'] else 'full-size release dims'}, random weights, "
+             + _precision_header(s) + " "
              f"Wall time {result.get('elapsed_s') or 0:.0f} s"
              + (f" (estimate for a quiet 2-core CPU {result['estimate_s']:.0f} s)." if result.get("estimate_s") else "."),
              "",
              markdown_table(result["rows"])]
+    comparison = result.get("dtype_comparison") or []
+    if comparison:
+        lines += ["", "bf16 / float32 cosyjax time per workload (same run, weights and inputs; < 1: bf16 faster) and "
+                  "the `auto` policy's pick (✓ / ✗: the faster / the slower dtype here): " + "; ".join(
+                      f"{c['name']} {c['bf16_over_float32']:.2f}"
+                      + ("" if c["auto"] is None else
+                         f" (auto {_SHORT.get(c['auto'], c['auto'])} {'✓' if c['auto_picks_faster'] else '✗'})")
+                      for c in comparison if c["bf16_over_float32"] is not None) + "."]
     busy = busy_warning(m)
     if busy:
         lines.insert(3, f"⚠ {busy}\n")
@@ -378,6 +529,23 @@ def markdown_report(result: dict[str, Any]) -> str:
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+_SHORT = {"float32": "float32", "bfloat16": "bf16"}
+
+
+def _precision_header(settings: dict[str, Any]) -> str:
+    """The header's precision sentence: the rows' dtypes and what ``auto`` picks on this backend."""
+    dtypes = settings.get("dtypes") or ["float32"]
+    text = ("cosyjax " + " and ".join(dtypes) + (" (bf16 rows: ', bf16')" if "bfloat16" in dtypes else "")
+            + (", upstream float32" if settings.get("reference_repo") else "") + ".")
+    auto = settings.get("auto_policy")
+    if auto:
+        picks = {s: auto[s] for s in ("llm", "flow", "hift")}
+        what = (f"{_SHORT.get(picks['llm'], picks['llm'])} for every stage" if len(set(picks.values())) == 1
+                else ", ".join(f"{s} {_SHORT.get(d, d)}" for s, d in picks.items()))
+        text += f" `auto` on {auto['backend']} picks {what}."
+    return text
 
 
 def busy_warning(machine: dict[str, Any]) -> str | None:

@@ -17,6 +17,10 @@ Warm-up: cosyjax's e2e needs no call of its own when the LLM, flow and HiFT rows
 the same padded shapes in this process (``Bundle.warm``); otherwise one full call.  The timed call's
 compile count is recorded either way (``cosyjax_timed_compiles``; 0 expected).  Upstream gets a short
 warm-up request (LLM stopped after one hop) unless its modules already ran in this process.
+
+The e2e row is repeated per ``Workload.dtypes`` entry (``bundle.model(dtype)``: ``CosyVoice3Model`` under
+that precision policy, same weights); upstream's request runs once and every row's ratio is against it.
+The audio must be finite.  The stream row runs the float32 model only.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import numpy as np
 
 from benchmarks import flow as flow_stage
 from benchmarks import hift as hift_stage
-from benchmarks.common import finish_row, log, measure, new_row, set_cosyjax
+from benchmarks.common import (finish_row, log, measure, new_row, non_finite, set_cosyjax, set_precision,
+                               vs_float32)
 from benchmarks.models import Bundle
 from cosyjax.model import Trace
 
@@ -114,49 +119,64 @@ def _warm_key(seed: int) -> None:
     jax.block_until_ready(jax.random.key(seed)[None])
 
 
-def _ours_prewarmed(bundle: Bundle) -> bool:
-    """Whether the LLM, flow and HiFT rows compiled every program the e2e request uses."""
+def _ours_prewarmed(bundle: Bundle, m) -> bool:
+    """Whether the LLM, flow and HiFT rows compiled every program the e2e request on model ``m`` uses."""
     import jax
 
     from cosyjax.llm import lm
 
     wl = bundle.wl
     cfg = wl.config.llm
-    m = bundle.model()
     req = wl.llm_request(0)
     prepared = lm.prepare(cfg, [lm.LMRequest.zero_shot(req["text"], req["prompt_text"], req["prompt_speech"])],
                           jax.random.split(jax.random.key(0), 1))
     # the model decodes in its one KV-cache size (``m.cache_len``, from its limits), not the request's own
-    keys = {("llm", 1, prepared.ids.shape[1], m.cache_len, m.schedule.base, m.sampler),
-            flow_stage.warm_key(bundle, wl.prompt_tokens + wl.e2e_tokens),
-            hift_stage.warm_key(bundle.e2e_mel_frames())}
+    keys = {("llm", 1, prepared.ids.shape[1], m.cache_len, m.schedule.base, m.sampler, m.policy.llm),
+            flow_stage.warm_key(bundle, wl.prompt_tokens + wl.e2e_tokens, precision=m.policy.flow),
+            hift_stage.warm_key(bundle.e2e_mel_frames(), m.policy)}
     return keys <= bundle.warm
 
 
 def run_e2e(bundle: Bundle) -> list[dict[str, Any]]:
     wl = bundle.wl
-    m = bundle.model()
     kwargs = _ours_kwargs(bundle)
     sr = wl.config.hift.sampling_rate
+    rows, outs = [], {}
+    for dtype in wl.dtypes:
+        m = bundle.model(dtype)
 
-    def ours():
-        trace = Trace()
-        chunks = [c["tts_speech"] for c in m.tts(**kwargs, trace=trace)]
-        return np.concatenate(chunks, axis=1), len(trace.llm_tokens), len(trace.flow_tokens)
+        def ours(m=m):
+            trace = Trace()
+            chunks = [c["tts_speech"] for c in m.tts(**kwargs, trace=trace)]
+            return np.concatenate(chunks, axis=1), np.asarray(trace.llm_tokens), len(trace.flow_tokens)
 
-    prewarmed = _ours_prewarmed(bundle)
-    log(f"[e2e] cosyjax: tts(stream=False), {wl.e2e_text_len} text tokens -> {wl.e2e_tokens} speech tokens "
-        f"({'programs compiled by the stage rows' if prewarmed else 'full warm-up call'})")
-    # prewarmed: only the request's PRNG-key handling is new (a one-op program)
-    mo = measure(ours, wl.repeats["e2e"], warmup=(lambda: _warm_key(wl.seed)) if prewarmed else None)
-    audio, n_llm, n_flow = mo.output
-    audio_s = audio.shape[1] / sr
-    row = new_row("e2e", "E2E non-stream, bs 1",
-                  f"tts(stream=False): LLM {n_llm} tokens → flow → HiFT, {audio_s:.1f} s audio; RTF = wall / audio",
-                  "RTF")
-    set_cosyjax(row, mo, mo.best / audio_s)
-    row["extra"].update(cosyjax_wall_s=mo.best, cosyjax_audio_s=audio_s, cosyjax_llm_tokens=n_llm,
-                        cosyjax_flow_tokens=n_flow, cosyjax_warmup="stage rows" if prewarmed else "full call")
+        prewarmed = _ours_prewarmed(bundle, m)
+        log(f"[e2e] cosyjax {dtype}: tts(stream=False), {wl.e2e_text_len} text tokens -> {wl.e2e_tokens} speech "
+            f"tokens ({'programs compiled by the stage rows' if prewarmed else 'full warm-up call'})")
+        # prewarmed: only the request's PRNG-key handling is new (a one-op program)
+        mo = measure(ours, wl.repeats["e2e"], warmup=(lambda: _warm_key(wl.seed)) if prewarmed else None)
+        audio, llm_tokens, n_flow = mo.output
+        n_llm = len(llm_tokens)
+        audio_s = audio.shape[1] / sr
+        row = new_row("e2e", "E2E non-stream, bs 1",
+                      f"tts(stream=False): LLM {n_llm} tokens → flow → HiFT, {audio_s:.1f} s audio; RTF = wall / audio",
+                      "RTF", dtype=dtype)
+        set_cosyjax(row, mo, mo.best / audio_s)
+        set_precision(row, m.policy, None, m.params)
+        row["extra"].update(cosyjax_wall_s=mo.best, cosyjax_audio_s=audio_s, cosyjax_llm_tokens=n_llm,
+                            cosyjax_flow_tokens=n_flow, cosyjax_warmup="stage rows" if prewarmed else "full call")
+        non_finite(row, "audio", audio)
+        outs[dtype] = (audio, llm_tokens)
+        rows.append(row)
+        log(f"[e2e] cosyjax {dtype} RTF {row['cosyjax']:.2f} ({mo.best:.1f} s)")
+    for row in rows:
+        if row["dtype"] != "float32" and "float32" in outs:
+            (audio, tokens), (audio32, tokens32) = outs[row["dtype"]], outs["float32"]
+            same = tokens.shape == tokens32.shape and bool((tokens == tokens32).all())
+            # the same key samples other tokens once bf16 moves the logits: then the audio is not comparable
+            if same:
+                vs_float32(row, audio, audio32)
+            row["extra"].setdefault("vs_float32", {})["same_llm_tokens"] = same
     if bundle.has_reference:
         control = _control(bundle)
         start = _upstream_call(bundle, stream=False)
@@ -179,14 +199,15 @@ def run_e2e(bundle: Bundle) -> list[dict[str, Any]]:
         bundle.upstream_ran.update({"llm", "flow", "hift"})
         up_audio, up_tokens = mu.output
         up_audio_s = up_audio.shape[1] / sr
-        row.update(upstream=mu.best / up_audio_s, upstream_device=bundle.torch_device,
-                   agreement=f"LLM tokens {n_llm} / {up_tokens}, audio {audio_s:.2f} s / {up_audio_s:.2f} s "
-                             "(different sampled tokens)")
-        row["memory"]["upstream"] = mu.memory
-        row["extra"].update(upstream_wall_s=mu.best, upstream_audio_s=up_audio_s, upstream_llm_tokens=up_tokens)
-    up = f", upstream RTF {row['upstream']:.2f} ({row['extra']['upstream_wall_s']:.1f} s)" if row["upstream"] else ""
-    log(f"[e2e] cosyjax RTF {row['cosyjax']:.2f} ({mo.best:.1f} s){up}")
-    return [finish_row(row)]
+        for row in rows:
+            extra = row["extra"]
+            row.update(upstream=mu.best / up_audio_s, upstream_device=bundle.torch_device,
+                       agreement=f"LLM tokens {extra['cosyjax_llm_tokens']} / {up_tokens}, audio "
+                                 f"{extra['cosyjax_audio_s']:.2f} s / {up_audio_s:.2f} s (different sampled tokens)")
+            row["memory"]["upstream"] = mu.memory
+            extra.update(upstream_wall_s=mu.best, upstream_audio_s=up_audio_s, upstream_llm_tokens=up_tokens)
+        log(f"[e2e] upstream RTF {mu.best / up_audio_s:.2f} ({mu.best:.1f} s)")
+    return [finish_row(row) for row in rows]
 
 
 def run_stream(bundle: Bundle) -> list[dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 cosyjax ``flow_inference`` (front + 10 Euler steps x CFG batch 2 over the DiT, jitted; the token
 length is padded to ``token_bucket``) vs upstream ``CausalMaskedDiffWithDiT.inference`` on the same
-weights and the same noise buffer; the two mels are compared.
+weights and the same noise buffer; the two mels are compared.  One cosyjax row per ``Workload.dtypes``
+entry (``precision=policy.flow``, params cast to its compute dtype), each compared with the one upstream
+(float32) mel and timing; a bf16 row also against the float32 row's mel, and every mel must be finite.
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import finish_row, log, measure, new_row, set_cosyjax
+from benchmarks.common import finish_row, log, measure, new_row, rows_vs_float32, stage_row
 from benchmarks.models import Bundle
 
 
-def warm_key(bundle: Bundle, total_tokens: int, streaming: bool = False) -> tuple:
-    """Identifies the compiled flow program used for ``total_tokens`` prompt + target tokens."""
+def warm_key(bundle: Bundle, total_tokens: int, streaming: bool = False, precision=None) -> tuple:
+    """Identifies the compiled flow program used for ``total_tokens`` prompt + target tokens under
+    ``precision`` (the flow stage's ``Precision``; None: the float32 policy's)."""
     from cosyjax.flow.flow import token_bucket
 
-    return ("flow", bool(streaming), token_bucket(total_tokens))
+    return ("flow", bool(streaming), token_bucket(total_tokens), precision or bundle.policy("float32").flow)
 
 
 def run(bundle: Bundle) -> list[dict[str, Any]]:
@@ -27,23 +30,31 @@ def run(bundle: Bundle) -> list[dict[str, Any]]:
 
     wl = bundle.wl
     cfg = wl.config.flow
-    params = bundle.jax_params("flow")
+    bundle.build("flow")
     noise = bundle.buffers["flow_rand_noise"]
     inp = wl.flow_inputs()
     n, p = inp["token"].shape[1], inp["prompt_token"].shape[1]
     audio_s = wl.audio_seconds(n)
+    rows, mels = [], {}
+    for dtype in wl.dtypes:
+        params = bundle.jax_params("flow", dtype)
+        precision = bundle.policy(dtype).flow
 
-    def ours():
-        return np.asarray(flow_inference(params, inp["token"], inp["prompt_token"], inp["prompt_feat"],
-                                         inp["embedding"], cfg=cfg, noise=noise, streaming=False, finalize=True))
+        def ours(params=params, precision=precision):
+            return np.asarray(flow_inference(params, inp["token"], inp["prompt_token"], inp["prompt_feat"],
+                                             inp["embedding"], cfg=cfg, noise=noise, streaming=False, finalize=True,
+                                             precision=precision))
 
-    log(f"[flow] cosyjax: {n} tokens ({audio_s:.1f} s) after {p} prompt tokens, {cfg.n_timesteps} steps x CFG 2")
-    m = measure(ours, wl.repeats["flow"])
-    bundle.warm.add(warm_key(bundle, n + p))
-    row = new_row("flow", "Flow", f"{n} tokens + {p} prompt → {cfg.token_mel_ratio * n} frames ({audio_s:.1f} s), "
-                  f"{cfg.n_timesteps} Euler steps × CFG 2", "s")
-    set_cosyjax(row, m, m.best)
-    row["extra"]["cosyjax_rtf"] = m.best / audio_s
+        log(f"[flow] cosyjax {dtype}: {n} tokens ({audio_s:.1f} s) after {p} prompt tokens, "
+            f"{cfg.n_timesteps} steps x CFG 2")
+        m = measure(ours, wl.repeats["flow"])
+        bundle.warm.add(warm_key(bundle, n + p, precision=precision))
+        rows.append(stage_row("flow", "Flow", f"{n} tokens + {p} prompt → {cfg.token_mel_ratio * n} frames "
+                              f"({audio_s:.1f} s), {cfg.n_timesteps} Euler steps × CFG 2", dtype, m,
+                              bundle.policy(dtype), params, audio_s, "mel"))
+        mels[dtype] = m.output
+        log(f"[flow] cosyjax {dtype} {m.best:.2f} s")
+    rows_vs_float32(rows, mels)  # the same inputs and weights in bf16 arithmetic against the float32 row
     if bundle.has_reference:
         import torch
 
@@ -68,13 +79,14 @@ def run(bundle: Bundle) -> list[dict[str, Any]]:
                      torch_cuda=dev == "cuda")
         bundle.upstream_ran.add("flow")
         ref_mel = up.output.transpose(0, 2, 1)
-        diff = float(np.abs(m.output - ref_mel).max())
-        row.update(upstream=up.best, upstream_device=dev, max_diff=diff,
-                   agreement=f"mel max diff {diff:.2g} (largest mel {float(np.abs(ref_mel).max()):.3g})")
-        row["memory"]["upstream"] = up.memory
-        row["extra"]["upstream_rtf"] = up.best / audio_s
-    log(f"[flow] cosyjax {m.best:.2f} s" + (f", upstream {row['upstream']:.2f} s" if row["upstream"] else ""))
-    return [finish_row(row)]
+        for row in rows:
+            diff = float(np.abs(mels[row["dtype"]] - ref_mel).max())
+            row.update(upstream=up.best, upstream_device=dev, max_diff=diff,
+                       agreement=f"mel max diff {diff:.2g} (largest mel {float(np.abs(ref_mel).max()):.3g})")
+            row["memory"]["upstream"] = up.memory
+            row["extra"]["upstream_rtf"] = up.best / audio_s
+        log(f"[flow] upstream {up.best:.2f} s")
+    return [finish_row(row) for row in rows]
 
 
 def run_stream(bundle: Bundle) -> list[dict[str, Any]]:

@@ -2,7 +2,10 @@
 
 cosyjax ``hift_inference`` (jitted, mel padded to ``mel_bucket``) vs upstream
 ``CausalHiFTGenerator.inference`` on the same weights and the same source-noise buffers; the two
-waveforms are compared.
+waveforms are compared.  One cosyjax row per ``Workload.dtypes`` entry (``policy=`` that precision
+policy, params cast as ``CosyVoice3Model`` casts them: the f0 net stays float32, and the bf16 policy has no
+float64), each compared with the one upstream (float32) waveform and timing; a bf16 row also against the
+float32 row's waveform, and every waveform must be finite.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import finish_row, log, measure, new_row, set_cosyjax
+from benchmarks.common import finish_row, log, measure, new_row, rows_vs_float32, set_cosyjax, snr_db, stage_row
 from benchmarks.models import Bundle
 
 
-def warm_key(frames: int) -> tuple:
-    """Identifies the compiled HiFT program used for ``frames`` mel frames (finalize=True)."""
-    from cosyjax.hift.generator import mel_bucket
+def warm_key(frames: int, policy) -> tuple:
+    """Identifies the compiled HiFT program used for ``frames`` mel frames (finalize=True) under the
+    ``PrecisionPolicy`` ``policy``."""
+    from cosyjax.hift.generator import hift_numerics, mel_bucket
 
-    return ("hift", True, mel_bucket(frames))
+    return ("hift", True, mel_bucket(frames), hift_numerics(policy))
 
 
 def run(bundle: Bundle) -> list[dict[str, Any]]:
@@ -27,21 +31,27 @@ def run(bundle: Bundle) -> list[dict[str, Any]]:
 
     wl = bundle.wl
     cfg = wl.config.hift
-    params = bundle.jax_params("hift")
+    bundle.build("hift")
     noise = bundle.buffers["hift_noise"]
     mel = wl.hift_mel()
     frames = mel.shape[1]
     audio_s = frames * cfg.upsample_scale / cfg.sampling_rate
+    rows, audio = [], {}
+    for dtype in wl.dtypes:
+        params = bundle.jax_params("hift", dtype)
+        policy = bundle.policy(dtype)
 
-    def ours():
-        return np.asarray(hift_inference(params, mel, cfg=cfg, finalize=True, noise=noise, policy="float32"))
+        def ours(params=params, policy=policy):
+            return np.asarray(hift_inference(params, mel, cfg=cfg, finalize=True, noise=noise, policy=policy))
 
-    log(f"[hift] cosyjax: {frames} mel frames ({audio_s:.1f} s)")
-    m = measure(ours, wl.repeats["hift"])
-    bundle.warm.add(warm_key(frames))
-    row = new_row("hift", "HiFT", f"{frames} mel frames → {audio_s:.1f} s audio", "s")
-    set_cosyjax(row, m, m.best)
-    row["extra"]["cosyjax_rtf"] = m.best / audio_s
+        log(f"[hift] cosyjax {dtype}: {frames} mel frames ({audio_s:.1f} s)")
+        m = measure(ours, wl.repeats["hift"])
+        bundle.warm.add(warm_key(frames, policy))
+        rows.append(stage_row("hift", "HiFT", f"{frames} mel frames → {audio_s:.1f} s audio", dtype, m, policy, params,
+                              audio_s, "audio"))
+        audio[dtype] = m.output
+        log(f"[hift] cosyjax {dtype} {m.best:.2f} s")
+    rows_vs_float32(rows, audio)  # the same inputs and weights in bf16 arithmetic against the float32 row
     if bundle.has_reference:
         import torch
 
@@ -58,15 +68,16 @@ def run(bundle: Bundle) -> list[dict[str, Any]]:
                      torch_cuda=dev == "cuda")
         bundle.upstream_ran.add("hift")
         ref_audio = up.output
-        diff = np.abs(m.output - ref_audio)
-        err = max(float(np.sum(diff.astype(np.float64) ** 2)), 1e-30)
-        snr = 10 * np.log10(max(float(np.sum(ref_audio.astype(np.float64) ** 2)), 1e-30) / err)
-        row.update(upstream=up.best, upstream_device=dev, max_diff=float(diff.max()),
-                   agreement=f"audio max diff {float(diff.max()):.2g}, SNR {snr:.0f} dB")
-        row["memory"]["upstream"] = up.memory
-        row["extra"]["upstream_rtf"] = up.best / audio_s
-    log(f"[hift] cosyjax {m.best:.2f} s" + (f", upstream {row['upstream']:.2f} s" if row["upstream"] else ""))
-    return [finish_row(row)]
+        for row in rows:
+            diff = float(np.abs(audio[row["dtype"]] - ref_audio).max())
+            snr = snr_db(audio[row["dtype"]], ref_audio)
+            row.update(upstream=up.best, upstream_device=dev, max_diff=diff,
+                       agreement=f"audio max diff {diff:.2g}, SNR {snr:.0f} dB")
+            row["extra"]["snr_db"] = snr
+            row["memory"]["upstream"] = up.memory
+            row["extra"]["upstream_rtf"] = up.best / audio_s
+        log(f"[hift] upstream {up.best:.2f} s")
+    return [finish_row(row) for row in rows]
 
 
 def run_stream(bundle: Bundle) -> list[dict[str, Any]]:

@@ -172,10 +172,13 @@ def build_upstream_hift(cfg):
 class Bundle:
     """Lazily built weights, models and warm-state of one benchmark process.
 
-    ``np_params[stage]`` are converted cosyjax params (numpy), ``upstream[stage]`` the torch modules
-    (None without a reference), ``model()`` the cosyjax ``CosyVoice3Model`` and ``upstream_model()``
-    upstream's ``CosyVoice3Model`` over the same three stages.  ``warm`` records the padded shapes
-    whose programs are already compiled in this process (see ``benchmarks.e2e``).
+    ``np_params[stage]`` are converted cosyjax params (numpy, float32), ``upstream[stage]`` the torch
+    modules (None without a reference), ``model(dtype)`` the cosyjax ``CosyVoice3Model`` under that
+    precision policy and ``upstream_model()`` upstream's ``CosyVoice3Model`` over the same three stages.
+    ``jax_params(stage, dtype)`` are the stage's params on the device under ``policy(dtype)``: the float32
+    weights cast to the stage's compute dtype exactly as ``CosyVoice3Model`` casts them, so every dtype's
+    rows run the same random weights.  ``warm`` records the padded shapes (and precisions) whose programs
+    are already compiled in this process (see ``benchmarks.e2e``).
     """
 
     def __init__(self, wl: Workload, reference_repo: str | None):
@@ -196,8 +199,9 @@ class Bundle:
         self.np_params: dict[str, Any] = {}
         self.upstream: dict[str, Any] = {}
         self.buffers: dict[str, Any] = {}
-        self._jax: dict[str, Any] = {}
-        self._model = None
+        self._jax: dict[tuple[str, str], Any] = {}
+        self._models: dict[str, Any] = {}
+        self._policies: dict[str, Any] = {}
         self._upstream_model = None
         self.warm: set[tuple] = set()
         self.upstream_ran: set[str] = set()  # upstream modules already run once in this process
@@ -275,22 +279,37 @@ class Bundle:
         flow = self.wl.config.flow
         return flow.token_mel_ratio * self.wl.e2e_tokens
 
-    def jax_params(self, stage: str) -> Any:
-        """The stage's params on the JAX device (the model's own once it is built)."""
-        if self._model is not None:
-            return self._model.params[stage]
-        if stage not in self._jax:
+    def policy(self, dtype: str = "float32"):
+        """``PrecisionPolicy.resolve(dtype)`` on jax's default backend (what ``CosyVoice3Model(dtype=...)`` runs)."""
+        if dtype not in self._policies:
+            from cosyjax.precision import PrecisionPolicy
+
+            self._policies[dtype] = PrecisionPolicy.resolve(dtype)
+        return self._policies[dtype]
+
+    def jax_params(self, stage: str, dtype: str = "float32") -> Any:
+        """The stage's params on the JAX device under ``policy(dtype)`` (the model's own once it is built)."""
+        if dtype in self._models:
+            return self._models[dtype].params[stage]
+        if (stage, dtype) not in self._jax:
             import jax
             import jax.numpy as jnp
 
+            from cosyjax.checkpoint import cast_params
+
             self.build(stage)
-            self._jax[stage] = jax.tree.map(jnp.asarray, self.np_params[stage])
-        return self._jax[stage]
+            compute = self.policy(dtype).stage(stage).compute
+            tree = self.np_params[stage]
+            if compute != "float32":  # the model's cast (checkpoint.FLOAT32_ONLY subtrees stay float32)
+                tree = cast_params(tree, compute, (stage,))
+            self._jax[(stage, dtype)] = jax.tree.map(jnp.asarray, tree)
+        return self._jax[(stage, dtype)]
 
     # ------------------------------------------------------------------ whole models
-    def model(self):
-        """cosyjax CosyVoice3Model over the three stages (fresh hop schedule for every stream request)."""
-        if self._model is None:
+    def model(self, dtype: str = "float32"):
+        """cosyjax CosyVoice3Model over the three stages under ``policy(dtype)`` (fresh hop schedule for every
+        stream request)."""
+        if dtype not in self._models:
             from cosyjax.checkpoint import ConvertedModel
             from cosyjax.model import CosyVoice3Model
 
@@ -299,12 +318,16 @@ class Bundle:
             converted = ConvertedModel(config=self.wl.config, params=dict(self.np_params),
                                        buffers={"flow_rand_noise": self.buffers["flow_rand_noise"]},
                                        source={"benchmarks": "random weights"})
-            self._model = CosyVoice3Model(converted, hift_noise=self.buffers["hift_noise"], upstream_hop_quirk=False)
-            # From now on every stage uses the model's device params: free the other copies.
-            self._jax.clear()
-            for stage in self.np_params:
-                self.np_params[stage] = None
-        return self._model
+            self._models[dtype] = CosyVoice3Model(converted, dtype=self.policy(dtype),
+                                                  hift_noise=self.buffers["hift_noise"], upstream_hop_quirk=False)
+            # From now on this dtype's stages use the model's device params: free the other copies, and the
+            # numpy weights once every dtype of the run (and float32, which the other stages run) has its model.
+            for stage in ("llm", "flow", "hift"):
+                self._jax.pop((stage, dtype), None)
+            if {"float32", *self.wl.dtypes} <= set(self._models):
+                for stage in self.np_params:
+                    self.np_params[stage] = None
+        return self._models[dtype]
 
     def upstream_model(self):
         """Upstream's CosyVoice3Model over the same three torch modules (None without a reference)."""

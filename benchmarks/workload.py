@@ -11,8 +11,14 @@ Sizes follow ``--seconds`` S (default 10):
 - LLM rows: that request (and ``batch - 1`` more of the same lengths), one decode chunk of
   ``llm_steps`` = the model's stream hop (static_chunk_size / token_mel_ratio = 25) steps.
 
+Precision (``--dtypes``): the llm, flow, hift and e2e stages run one cosyjax row per dtype of
+``Workload.dtypes`` ("float32", the default, and/or "bfloat16": ``PrecisionPolicy.resolve(dtype)``), on the
+same random weights (a bf16 row's params are the float32 ones cast, as ``CosyVoice3Model`` casts them) and
+the same inputs; upstream runs float32 once per workload and every row's ratio is against that timing.
+
 With these sizes the e2e request hits the same padded shapes as the flow row (token bucket 288)
-and the HiFT row (mel bucket 512), so in one process the stage rows are its warm-up.
+and the HiFT row (mel bucket 512); its LLM decodes in the model's own KV cache (sized by its
+``Limits``), not the LLM rows' 512 slots, so the e2e row still makes one warm-up call.
 """
 
 from __future__ import annotations
@@ -37,6 +43,23 @@ DEFAULT_REPEATS = {"cpu": {"llm": 1, "flow": 1, "hift": 3, "e2e": 1, "stream": 1
                    "gpu": {"llm": 3, "flow": 3, "hift": 3, "e2e": 3, "stream": 3}}
 PROMPT_SECONDS = 1.0  # zero-shot prompt speech (LLM and flow prompt tokens; flow prompt mel)
 PROMPT_TEXT_LEN = 8  # prompt transcript tokens, the last one <|endofprompt|>
+DTYPE_STAGES = ("llm", "flow", "hift", "e2e")  # the stages with a row per --dtypes entry (the rest: float32)
+
+
+def parse_dtypes(text: str) -> tuple[str, ...]:
+    """``--dtypes``: comma-separated precision policies ("float32", "bfloat16"), each once, in the order
+    given.  ValueError naming the value otherwise ("auto" is not a row: what it picks is recorded)."""
+    from cosyjax.precision import DTYPES
+
+    names = [d.strip() for d in str(text).split(",") if d.strip()]
+    bad = [d for d in names if d not in DTYPES]
+    if bad or not names:
+        raise ValueError(f"--dtypes {text!r}: unknown dtype(s) {bad}; choose from {','.join(DTYPES)} "
+                         "(what 'auto' picks is recorded in every run)")
+    dup = sorted({d for d in names if names.count(d) > 1})
+    if dup:
+        raise ValueError(f"--dtypes {text!r}: {','.join(dup)} given twice")
+    return tuple(names)
 
 
 def release_config() -> ModelConfig:
@@ -66,6 +89,7 @@ class Workload:
     batch_sizes: tuple[int, ...]
     repeats: Mapping[str, int]
     seed: int = 0
+    dtypes: tuple[str, ...] = ("float32",)  # cosyjax rows of the DTYPE_STAGES, one per dtype
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -150,9 +174,11 @@ class Workload:
 
 
 def make_workload(*, quick: bool, seconds: float | None, batch_sizes: tuple[int, ...] | None,
-                  repeats: int | None, backend: str, seed: int = 0) -> Workload:
+                  repeats: int | None, backend: str, seed: int = 0,
+                  dtypes: tuple[str, ...] | str | None = None) -> Workload:
     """The run's Workload; defaults depend on ``quick`` and the backend ("cpu" or a GPU platform)."""
     kind = "cpu" if backend == "cpu" else "gpu"
+    dtypes = ("float32",) if dtypes is None else parse_dtypes(dtypes if isinstance(dtypes, str) else ",".join(dtypes))
     if seconds is None:
         seconds = QUICK_SECONDS if quick else 10.0
     if seconds <= 0:
@@ -165,7 +191,8 @@ def make_workload(*, quick: bool, seconds: float | None, batch_sizes: tuple[int,
         raise ValueError(f"--repeats {repeats}: must be >= 1")
     per_stage = {s: (repeats if repeats is not None else (1 if quick else DEFAULT_REPEATS[kind][s])) for s in STAGES}
     wl = Workload(config=quick_config() if quick else release_config(), quick=quick, seconds=float(seconds),
-                  batch_sizes=tuple(int(b) for b in batch_sizes), repeats=per_stage, seed=seed)
+                  batch_sizes=tuple(int(b) for b in batch_sizes), repeats=per_stage, seed=seed,
+                  dtypes=dtypes)
     need = wl.hop + wl.config.flow.pre_lookahead_len
     if wl.e2e_tokens < need:
         raise ValueError(f"--seconds {seconds}: the e2e request gives {wl.e2e_tokens} tokens, fewer than the "
