@@ -7,7 +7,8 @@
 #
 # It runs, each under its own timeout so one failure leaves the others' results:
 #   1. the device facts (nvidia-smi, jax devices);
-#   2. bf16 and float32 parity of the committed tiny cases on the device (cosyjax parity check);
+#   2. bf16 and float32 parity of the committed tiny cases on the device (cosyjax parity check; tiny-b's
+#      bf16 tts groups are expected to fail at ~12 dB, the known gap of tests/test_bf16_parity.py);
 #   3. the stage and end-to-end benchmark rows in float32 and bf16 at batch sizes 1, 16, 64, with the first
 #      stream chunk (python -m benchmarks; no upstream: its torch would need the reference checkout);
 #   4. the serving benchmark (16 streamed requests at concurrency 1, 4, 16 against one at a time).
@@ -25,8 +26,10 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, remember a 
   local name=$1 seconds=$2
   shift 2
   echo "== $name ($(date -u +%H:%M:%S), limit ${seconds} s)"
-  if ! timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1; then
-    echo "   $name FAILED (exit $?), see $OUT/$name.log"; tail -n 5 "$OUT/$name.log"; status=1
+  timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "   $name FAILED (exit $rc), see $OUT/$name.log"; tail -n 5 "$OUT/$name.log"; status=1
   fi
 }
 
