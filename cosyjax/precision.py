@@ -18,12 +18,14 @@ results are float32.
   float64, so CPU parity does too (only where jax offers scoped float64).  On GPU/TPU it is off:
   float64 is slow on GPUs and absent on TPUs, and those stages run in float32.
 - ``bfloat16``: all three stages in bf16 compute; ``f0_float64`` off (no float64 anywhere).
+- ``auto``: per backend, from the measurements in BENCHMARKS.md: bf16 on GPU and TPU; float32 on
+  CPU, where XLA's bf16 matrix-vector products (the LLM decode) run below float32 (bandwidth 16x
+  lower on the Intel machine; a batch-1 decode step 2.3x slower on the AMD one, whose bf16 flow is
+  1.6x faster: the CPU default keeps upstream's float32 numerics; BENCHMARKS.md has the rows).
 
 ``f0_float64`` is decided here and nowhere else: the vocoder entry points (``cosyjax.hift``) take
 the policy and read it; ``dataclasses.replace(policy, f0_float64=...)`` is the one way to ask for
 something else.
-- ``auto``: per backend, from the measurements in BENCHMARKS.md: bf16 on GPU and TPU; float32 on
-  CPU, where XLA's bf16 matrix-vector products (the LLM decode) run ~16x below float32.
 
 Attention runs materialised ("xla") on CPU, where that is both the fastest and upstream's exact
 numerics, and blockwise (never holding the [B, N, T, S] scores) on accelerators.

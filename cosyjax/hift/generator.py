@@ -60,7 +60,7 @@ from cosyjax.buckets import bucket_table, geometric_bucket
 from cosyjax.config import HiftConfig
 from cosyjax.hift.f0 import LOOK_AHEAD, F0Predictor, causal_padding, float64_available, float64_scope
 from cosyjax.hift.istft import istft, num_stft_frames, stft
-from cosyjax.hift.source import HiftNoise, checked_buffers, make_noise, noise_programs, source_signal
+from cosyjax.hift.source import HiftNoise, checked_buffers, make_noise, noise_program, source_signal
 from cosyjax.nn.conv import Conv1d
 from cosyjax.precision import FLOAT32, Precision, PrecisionPolicy
 from cosyjax.programs import ProgramCache, specs_of
@@ -418,8 +418,8 @@ def hift_inference(params: Mapping[str, Any], mel: Any, *, cfg: HiftConfig, fina
       programs: run through this ``cosyjax.programs.ProgramCache`` (compiled ahead of time by warm-up).
 
     Returns:
-      audio [B, N] float32 numpy (cut on the host: a device slice would compile per length) with N = ``output_samples(max(mel_len), cfg, finalize)``; a shorter row is
-      followed by zeros.  With ``return_intermediates``, a dict with "audio", "audio_len" [B] and
+      audio [B, N] float32 numpy (cut on the host: a device slice would compile per length) with
+      N = ``output_samples(max(mel_len), cfg, finalize)``; a shorter row is followed by zeros.  With ``return_intermediates``, a dict with "audio", "audio_len" [B] and
       the padded "f0" [B, Tp], "source" [B, Tp*S], "conv_post" [B, F, N_fft+2] plus their valid
       lengths "f0_len" and "conv_post_len".
 
@@ -456,7 +456,7 @@ def programs(cfg: HiftConfig, params: Any, *, max_frames: int, batch: int = 1, f
         if isinstance(noise, HiftNoise):
             noise_spec = specs_of(_noise_for(noise, num_samples, 0, cfg))
         else:
-            (fn, key, static), = noise_programs(num_samples, cfg)
+            fn, key, static = noise_program(num_samples, cfg)
             out.append((fn, key, static))
             noise_spec = jax.eval_shape(functools.partial(fn, **static), *key)
         args = (p, jax.ShapeDtypeStruct((batch, frames, cfg.in_channels), jnp.float32),

@@ -86,10 +86,10 @@ def make_noise(key: Array, num_samples: int, cfg: HiftConfig, programs: Any = No
     return run_program(programs, _make_noise, key, num_samples=int(num_samples), width=cfg.num_harmonic_channels)
 
 
-def noise_programs(num_samples: int, cfg: HiftConfig) -> list[tuple[Any, tuple, dict]]:
+def noise_program(num_samples: int, cfg: HiftConfig) -> tuple[Any, tuple, dict]:
     """The ``make_noise`` program for ``num_samples`` samples: (function, argument specs, static arguments)."""
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    return [(_make_noise, (key,), dict(num_samples=int(num_samples), width=cfg.num_harmonic_channels))]
+    return _make_noise, (key,), dict(num_samples=int(num_samples), width=cfg.num_harmonic_channels)
 
 
 def _unit_float(bits: Array) -> Array:

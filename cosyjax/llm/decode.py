@@ -33,10 +33,12 @@ from cosyjax.config import LLMConfig
 from cosyjax.llm.qwen2 import build_model, precision_of
 from cosyjax.llm.sampling import SamplerSettings, sample
 from cosyjax.precision import Precision
+from cosyjax.programs import exportable
 
 Array = jax.Array
 
 
+@exportable  # jax.export serialises the pytree structure of a program's inputs and outputs
 @flax.struct.dataclass
 class DecodeState:
     """Everything the decode loop carries between steps and chunks (all device arrays).
@@ -72,6 +74,7 @@ class DecodeState:
     keys: Array
 
 
+@exportable
 @flax.struct.dataclass
 class ChunkOutput:
     """One decode chunk.
@@ -356,14 +359,6 @@ def move_row(state: DecodeState, src: Array, dst: Array) -> DecodeState:
     moved = jax.tree.map(lambda a: jax.lax.dynamic_update_slice_in_dim(
         a, jax.lax.dynamic_slice_in_dim(a, src, 1, axis=0), dst, axis=0), state)
     return moved.replace(done=moved.done.at[src].set(moved.done[src] | (src != dst)))
-
-
-# ``jax.export`` serialises the pytree structure of a program's inputs and outputs: the decode state
-# and chunk carry no static (auxiliary) data, so the empty tuple round-trips as b"".
-for _cls in (DecodeState, ChunkOutput):
-    jax.export.register_pytree_node_serialization(
-        _cls, serialized_name=f"cosyjax.llm.decode.{_cls.__name__}", serialize_auxdata=lambda aux: b"",
-        deserialize_auxdata=lambda data: ())
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "slots", "precision"))
