@@ -112,6 +112,7 @@ from cosyjax.frontend.audio import load_audio
 from cosyjax.serving.engine import (DeadlineExceeded, EngineConfig, EngineStopped, HandleGroup, QueueFull,
                                     RequestCancelled)
 from cosyjax.serving.openai import add_routes as add_openai_routes, encode_audio
+from cosyjax.serving.fields import DEFAULT_MAX_TEXT_CHARS, check_text_length
 from cosyjax.serving.pcm import to_pcm16
 from cosyjax.serving.speakers import SPK_ID, SpeakerExists, SpeakerRegistry, check_spk_id
 
@@ -122,7 +123,6 @@ log = logging.getLogger(__name__)
 
 CHANNELS = 1
 SAMPLE_FORMAT = "s16le"
-DEFAULT_MAX_TEXT_CHARS = 2000
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # a 30 s prompt is ~6 MB even as 48 kHz float32 stereo WAV
 DEFAULT_MAX_PENDING = 16
 DEFAULT_DRAIN_SECONDS = 30.0
@@ -268,10 +268,10 @@ class _Server:
             raise HTTPException(400, f"{name} must be a string")
         if required and not value.strip():
             raise HTTPException(400, f"{name} is missing or empty")
-        if len(value) > self.max_text_chars:
-            raise HTTPException(400, f"{name} has {len(value)} characters; this server accepts at most "
-                                     f"{self.max_text_chars} per request (split the text over several requests)")
-        return value
+        try:
+            return check_text_length(name, value, self.max_text_chars)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
 
     @staticmethod
     def check_seed(seed: int) -> None:
@@ -549,12 +549,16 @@ def create_app(model: "CosyVoice3", *, max_text_chars: int = DEFAULT_MAX_TEXT_CH
 
     text, upload = server.text, server.upload
 
+    def upload_required(name: str, alternative: str = "") -> HTTPException:
+        """The 400 for a missing file field, with the curl syntax that sends one."""
+        return HTTPException(400, f"{name} (a file upload: curl -F {name}=@{name.split('_')[0]}.wav) is required"
+                                  f"{alternative}")
+
     def voice(prompt: _Upload | None, spk_id: str) -> None:
         if prompt is not None and spk_id:
             raise HTTPException(400, "give either a prompt_wav file or spk_id (a registered voice), not both")
         if prompt is None and not spk_id:
-            raise HTTPException(400, "prompt_wav (a file upload: curl -F prompt_wav=@prompt.wav) is required, "
-                                     "or spk_id naming a voice registered on this server")
+            raise upload_required("prompt_wav", ", or spk_id naming a voice registered on this server")
         if spk_id:
             server.check_speaker(spk_id)
 
@@ -611,8 +615,7 @@ def create_app(model: "CosyVoice3", *, max_text_chars: int = DEFAULT_MAX_TEXT_CH
         prompt = await upload("prompt_wav", prompt_wav)
         for name, given in (("source_wav", source), ("prompt_wav", prompt)):
             if given is None:
-                raise HTTPException(400, f"{name} (a file upload: curl -F {name}=@{name.split('_')[0]}.wav) "
-                                         "is required")
+                raise upload_required(name)
         return await respond(request, "/inference_vc", lambda: model.inference_vc(
             source.checked(), prompt.checked(), stream=stream, speed=speed))
 
@@ -632,7 +635,7 @@ def create_app(model: "CosyVoice3", *, max_text_chars: int = DEFAULT_MAX_TEXT_CH
         prompt_text = text("prompt_text", prompt_text)
         prompt = await upload("prompt_wav", prompt_wav)
         if prompt is None:
-            raise HTTPException(400, "prompt_wav (a file upload: curl -F prompt_wav=@prompt.wav) is required")
+            raise upload_required("prompt_wav")
         try:
             if spk_id:
                 check_spk_id(spk_id)

@@ -180,6 +180,17 @@ def load_audio(source: AudioSource, target_sr: int, *, min_seconds: float = MIN_
     """
     name = _describe(source)
     wav, sample_rate = read_audio(source)
+    check_waveform(wav, sample_rate, name, min_seconds=min_seconds, max_seconds=max_seconds)
+    if sample_rate != target_sr and sample_rate < min_sr:
+        raise AudioError(f"{name}: sample rate {sample_rate} Hz is below the minimum {min_sr} Hz")
+    return resample(wav, sample_rate, target_sr)
+
+
+def check_waveform(wav: np.ndarray, sample_rate: int, name: str, *, min_seconds: float = MIN_SECONDS,
+                   max_seconds: float | None = MAX_SECONDS) -> None:
+    """The content checks of ``load_audio`` on a decoded mono waveform [T] (also for prompts that arrive
+    as samples, like the gRPC service's int16 PCM): not empty, finite, not silent, and within the
+    duration limits.  Raises ``AudioError`` naming ``name``."""
     seconds = wav.shape[0] / sample_rate
     if wav.shape[0] == 0:
         raise AudioError(f"{name}: the file holds no audio samples")
@@ -193,6 +204,3 @@ def load_audio(source: AudioSource, target_sr: int, *, min_seconds: float = MIN_
     if max_seconds is not None and seconds > max_seconds:
         raise AudioError(f"{name}: {seconds:.2f} s of audio is longer than the maximum {max_seconds} s "
                          "(the speech tokenizer accepts at most 30 s)")
-    if sample_rate != target_sr and sample_rate < min_sr:
-        raise AudioError(f"{name}: sample rate {sample_rate} Hz is below the minimum {min_sr} Hz")
-    return resample(wav, sample_rate, target_sr)

@@ -69,10 +69,11 @@ try:
 except ImportError as e:  # the service is an optional extra
     raise ImportError(INSTALL_HINT) from e
 
-from cosyjax.frontend.audio import MAX_SECONDS, MIN_SECONDS, SILENCE_PEAK
+from cosyjax.frontend.audio import AudioError, check_waveform
 from cosyjax.serving import cosyvoice_pb2 as pb
 from cosyjax.serving import cosyvoice_pb2_grpc as pb_grpc
 from cosyjax.serving.engine import DeadlineExceeded, EngineStopped, QueueFull, RequestCancelled
+from cosyjax.serving.fields import DEFAULT_MAX_TEXT_CHARS, check_text_length
 from cosyjax.serving.pcm import to_pcm16
 
 if TYPE_CHECKING:
@@ -83,7 +84,6 @@ log = logging.getLogger(__name__)
 PROMPT_SAMPLE_RATE = 16000  # the rate of prompt_audio / source_audio on the wire (upstream's client)
 DEFAULT_PORT = 50000  # upstream's server default
 DEFAULT_MAX_WORKERS = 8
-DEFAULT_MAX_TEXT_CHARS = 2000
 PAYLOAD = "RequestPayload"  # the oneof of Request
 SUPPORTED = ("zero_shot_request", "cross_lingual_request", "instruct2_request", "vc_request")
 SFT_MESSAGE = ("sft_request: CosyVoice3 has no SFT speakers (its release ships no spk2info with pretrained "
@@ -118,15 +118,10 @@ def pcm16_to_float(data: bytes, field: str) -> np.ndarray:
     if len(data) % 2:
         raise _invalid(f"{field}: {len(data)} bytes is not a whole number of int16 samples; {hint}")
     wav = np.frombuffer(data, dtype="<i2").astype(np.float32) / np.float32(2 ** 15)
-    seconds = wav.size / PROMPT_SAMPLE_RATE
-    if seconds < MIN_SECONDS:
-        raise _invalid(f"{field}: {wav.size} samples ({seconds:.3f} s at 16 kHz) is shorter than the minimum "
-                       f"{MIN_SECONDS} s")
-    if seconds > MAX_SECONDS:
-        raise _invalid(f"{field}: {seconds:.2f} s at 16 kHz is longer than the maximum {MAX_SECONDS} s "
-                       "(the speech tokenizer accepts at most 30 s)")
-    if float(np.max(np.abs(wav))) < SILENCE_PEAK:
-        raise _invalid(f"{field}: the audio is silent (every sample is below {SILENCE_PEAK} of full scale)")
+    try:
+        check_waveform(wav, PROMPT_SAMPLE_RATE, field)  # the prompt checks of every other input path
+    except AudioError as e:
+        raise _invalid(str(e)) from None
     return wav
 
 
@@ -162,10 +157,10 @@ class CosyVoiceServicer(pb_grpc.CosyVoiceServicer):
     def _text(self, value: str, field: str) -> str:
         if not value.strip():
             raise _invalid(f"{field} is empty")
-        if len(value) > self.max_text_chars:
-            raise _invalid(f"{field} has {len(value)} characters; this server accepts at most "
-                           f"{self.max_text_chars} per request (split the text over several requests)")
-        return value
+        try:
+            return check_text_length(field, value, self.max_text_chars)
+        except ValueError as e:
+            raise _invalid(str(e)) from None
 
     def plan(self, request: pb.Request) -> tuple[str, Callable[[], Iterator[dict[str, Any]]]]:
         """Check a request and bind its pipeline call: (request kind, a function starting the call).
