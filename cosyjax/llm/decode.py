@@ -138,6 +138,36 @@ def _feed(cfg: LLMConfig, params, state: DecodeState, tokens: Array, precision: 
     return state.replace(logits=logits)
 
 
+def _run_prompt(cfg: LLMConfig, params, model, precision: Precision | None, cache: list, valid: Array,
+                positions: Array, end_index: Array, ids: Array, is_speech: Array, lengths: Array, min_len: Array,
+                max_len: Array, keys: Array, window: int) -> DecodeState:
+    """A fresh decode state on ``cache`` (its ``valid`` slots at rotary ``positions``, the next write at
+    ``end_index``) after running the prompt ``ids`` [B, R] (``lengths`` real tokens) through the model;
+    its logits are the first step's.  ``prefill`` starts from an empty cache, ``prefill_from_prefix``
+    from a cached prefix."""
+    batch = ids.shape[0]
+    state = DecodeState(
+        cache=cache,
+        valid=valid,
+        positions=positions,
+        end_index=end_index,
+        logits=jnp.zeros((batch, cfg.speech_vocab_size), jnp.float32),
+        step=jnp.zeros((batch,), jnp.int32),
+        num_tokens=jnp.zeros((batch,), jnp.int32),
+        done=max_len <= 0,
+        stop_token=jnp.full((batch,), -1, jnp.int32),
+        recent=jnp.full((batch, window), -1, jnp.int32),
+        min_len=min_len.astype(jnp.int32),
+        max_len=max_len.astype(jnp.int32),
+        keys=keys,
+    )
+    x = model.apply({"params": params}, ids, is_speech, method=model.embed)  # [B, R, D]
+    new_valid = jnp.arange(ids.shape[1], dtype=jnp.int32)[None, :] < lengths[:, None]  # [B, R]
+    hidden, state = _forward(cfg, params, state, x, new_valid, precision)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, D]
+    return state.replace(logits=model.apply({"params": params}, last, method=model.logits))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "window", "precision"))
 def prefill(params, ids: Array, is_speech: Array, lengths: Array, min_len: Array, max_len: Array,
             keys: Array, *, cfg: LLMConfig, cache_len: int, window: int,
@@ -156,29 +186,13 @@ def prefill(params, ids: Array, is_speech: Array, lengths: Array, min_len: Array
       DecodeState whose ``logits`` are the first step's.
     """
     model = _model(cfg, params, precision)
-    batch, length = ids.shape
+    batch = ids.shape[0]
     dtype = model.precision.dtype  # the cache holds keys/values in the compute dtype
     shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
-    state = DecodeState(
-        cache=[{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)],
-        valid=jnp.zeros((batch, cache_len), bool),
-        positions=jnp.zeros((batch,), jnp.int32),
-        end_index=jnp.zeros((batch,), jnp.int32),
-        logits=jnp.zeros((batch, cfg.speech_vocab_size), jnp.float32),
-        step=jnp.zeros((batch,), jnp.int32),
-        num_tokens=jnp.zeros((batch,), jnp.int32),
-        done=max_len <= 0,
-        stop_token=jnp.full((batch,), -1, jnp.int32),
-        recent=jnp.full((batch, window), -1, jnp.int32),
-        min_len=min_len.astype(jnp.int32),
-        max_len=max_len.astype(jnp.int32),
-        keys=keys,
-    )
-    x = model.apply({"params": params}, ids, is_speech, method=model.embed)  # [B, P, D]
-    new_valid = jnp.arange(length, dtype=jnp.int32)[None, :] < lengths[:, None]  # [B, P]
-    hidden, state = _forward(cfg, params, state, x, new_valid, precision)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, D]
-    return state.replace(logits=model.apply({"params": params}, last, method=model.logits))
+    cache = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+    return _run_prompt(cfg, params, model, precision, cache, jnp.zeros((batch, cache_len), bool),
+                       jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), ids, is_speech, lengths,
+                       min_len, max_len, keys, window)
 
 
 def step_scores(cfg: LLMConfig, settings: SamplerSettings, logits: Array, step: Array, min_len: Array
@@ -409,23 +423,7 @@ def prefill_from_prefix(params, prefix: dict[str, Any], ids: Array, is_speech: A
         return jax.lax.dynamic_update_slice(jnp.zeros(shape, dtype), a.astype(dtype), (0, 0, 0, 0))
 
     length = prefix["length"]
-    state = DecodeState(
-        cache=[{"k": place(k), "v": place(v)} for k, v in zip(prefix["k"], prefix["v"])],
-        valid=jnp.arange(cache_len)[None, :] < length[:, None],
-        positions=length.astype(jnp.int32),
-        end_index=jnp.full((batch,), p1, jnp.int32),
-        logits=jnp.zeros((batch, cfg.speech_vocab_size), jnp.float32),
-        step=jnp.zeros((batch,), jnp.int32),
-        num_tokens=jnp.zeros((batch,), jnp.int32),
-        done=max_len <= 0,
-        stop_token=jnp.full((batch,), -1, jnp.int32),
-        recent=jnp.full((batch, window), -1, jnp.int32),
-        min_len=min_len.astype(jnp.int32),
-        max_len=max_len.astype(jnp.int32),
-        keys=keys,
-    )
-    x = model.apply({"params": params}, ids, is_speech, method=model.embed)  # [B, R, D]
-    new_valid = jnp.arange(ids.shape[1], dtype=jnp.int32)[None, :] < lengths[:, None]
-    hidden, state = _forward(cfg, params, state, x, new_valid, precision)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-    return state.replace(logits=model.apply({"params": params}, last, method=model.logits))
+    cache = [{"k": place(k), "v": place(v)} for k, v in zip(prefix["k"], prefix["v"])]
+    return _run_prompt(cfg, params, model, precision, cache, jnp.arange(cache_len)[None, :] < length[:, None],
+                       length.astype(jnp.int32), jnp.full((batch,), p1, jnp.int32), ids, is_speech, lengths,
+                       min_len, max_len, keys, window)
