@@ -8,7 +8,8 @@ A *row* is a plain dict (JSON-ready) with these keys (``None`` where a value doe
     cosyjax                timed value (best of the timed repeats) in ``unit``
     cosyjax_warmup_s       wall time of the warm-up call(s) that preceded the timed ones
     cosyjax_compile_s      JAX trace + lower + compile seconds spent in that warm-up (jax.monitoring)
-    cosyjax_timed_compiles compilations seen *during* the timed calls (0 = warm-up fully excluded)
+    cosyjax_timed_compiles compilations seen *during* the timed calls (0 = warm-up fully excluded): executables
+                           built, persistent-cache loads included (``cosyjax.programs.CompileCounter``)
     cosyjax_timed_compile_s their seconds (a ``warnings`` entry when > 1% of the timed wall time)
     upstream               the same workload through upstream's PyTorch modules, same weights
     upstream_device        where the PyTorch side ran ("cpu" / "cuda")
@@ -46,40 +47,24 @@ SCHEMA = "cosyjax-benchmarks/1"
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class CompileRecord:
-    """JAX compilation events seen while the record was open."""
+    """JAX compilation events seen while the record was open (filled in when its block ends)."""
 
     seconds: float = 0.0  # trace + lower + backend compile
-    compiles: int = 0  # backend compilations
-
-
-_OPEN: list[CompileRecord] = []
-_INSTALLED = False
-
-
-def _listener(name: str, seconds: float, **_kwargs: Any) -> None:
-    if not name.startswith("/jax/core/compile/"):
-        return
-    for rec in _OPEN:
-        rec.seconds += seconds
-        if name.endswith("backend_compile_duration"):
-            rec.compiles += 1
+    compiles: int = 0  # executables built: backend compiles + persistent-cache loads (CompileCounter.count)
 
 
 @contextlib.contextmanager
 def compile_record() -> Iterator[CompileRecord]:
-    """Collect JAX compile time and count while the block runs (``jax.monitoring`` events)."""
-    global _INSTALLED
-    if not _INSTALLED:
-        import jax
+    """Collect JAX compile time and count while the block runs: ``cosyjax.programs.CompileCounter`` (the
+    one definition of a compile, as the compile-count tests use), its ``count`` and ``total_seconds``."""
+    from cosyjax.programs import CompileCounter
 
-        jax.monitoring.register_event_duration_secs_listener(_listener)
-        _INSTALLED = True
     rec = CompileRecord()
-    _OPEN.append(rec)
-    try:
-        yield rec
-    finally:
-        _OPEN.remove(rec)
+    with CompileCounter() as counter:
+        try:
+            yield rec
+        finally:
+            rec.seconds, rec.compiles = counter.total_seconds, counter.count
 
 
 def wall(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -120,18 +120,53 @@ class CompileCounter:
         with CompileCounter() as counter:
             ...
         counter.count, counter.seconds
+
+    The one definition of a compile in cosyjax (``benchmarks.common.compile_record`` builds on it): each
+    ``/jax/core/compile/backend_compile_duration`` event is one executable.  jax records that event around
+    ``compile_or_get_cached``, so a persistent-cache load records it too, with its
+    ``/jax/compilation_cache/cache_retrieval_time_sec`` inside; the load is counted once, through the
+    former, and also tallied in ``cache_loads``.
+
+    Attributes:
+      count: executables built (backend compiles + persistent-cache loads).
+      seconds: their backend seconds (compile, or cache read).
+      cache_loads: how many of ``count`` were persistent-cache loads.
+      trace_seconds: seconds tracing Python to jaxprs (``jaxpr_trace_duration``).
+      lower_seconds: seconds lowering jaxprs to MLIR (``jaxpr_to_mlir_module_duration``).
+      total_seconds: trace + lower + backend seconds (property).
+    Events on any thread count while the block runs (a server's engine thread compiles too).
     """
 
-    EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
+    COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+    CACHE_LOAD_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
+    TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+    LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+    EVENTS = (COMPILE_EVENT,)  # the events that count as building one executable
 
     def __init__(self):
         self.count = 0
         self.seconds = 0.0
+        self.cache_loads = 0
+        self.trace_seconds = 0.0
+        self.lower_seconds = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def total_seconds(self) -> float:
+        """Trace + lower + backend seconds: all the compile-time jax spent in the block."""
+        return self.trace_seconds + self.lower_seconds + self.seconds
 
     def _listener(self, name: str, duration: float, **kwargs: Any) -> None:
-        if name in self.EVENTS:
-            self.count += 1
-            self.seconds += duration
+        with self._lock:
+            if name in self.EVENTS:
+                self.count += 1
+                self.seconds += duration
+            elif name == self.CACHE_LOAD_EVENT:
+                self.cache_loads += 1
+            elif name == self.TRACE_EVENT:
+                self.trace_seconds += duration
+            elif name == self.LOWER_EVENT:
+                self.lower_seconds += duration
 
     def __enter__(self) -> "CompileCounter":
         jax.monitoring.register_event_duration_secs_listener(self._listener)

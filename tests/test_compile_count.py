@@ -81,3 +81,50 @@ def test_speed_below_the_limit_is_refused(warmed):
                        prompt_feat=np.zeros((model.config.flow.token_mel_ratio, model.config.flow.output_size),
                                             np.float32),
                        embedding=np.ones(model.config.flow.spk_embed_dim, np.float32), speed=0.25))
+
+
+_CACHE_SCRIPT = r"""
+import json, os, sys, tempfile
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.getcwd())  # ``benchmarks`` is a top-level directory of the repo
+from benchmarks.common import compile_record
+from cosyjax.programs import CompileCounter
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp())
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+x = np.arange(8, dtype=np.float32)
+out = {}
+for name in ("compiled", "loaded"):
+    jax.clear_caches()  # the second pass finds the executable only in the persistent cache
+    with compile_record() as rec, CompileCounter() as counter:
+        jax.jit(lambda v: jax.numpy.sin(v) * 2 + 1)(x).block_until_ready()
+    out[name] = dict(count=counter.count, loads=counter.cache_loads, seconds=counter.seconds,
+                     total=counter.total_seconds, rec_compiles=rec.compiles, rec_seconds=rec.seconds)
+print(json.dumps(out))
+"""
+
+
+def test_a_persistent_cache_load_counts_once_and_benchmarks_count_the_same():
+    """One definition of a compile: a persistent-cache load is one executable (jax records the backend compile
+    event around the cache read too), and ``benchmarks.common.compile_record`` reports CompileCounter's
+    count and its trace + lower + backend seconds."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], cwd=repo, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    compiled, loaded = got["compiled"], got["loaded"]
+    assert compiled["count"] >= 1 and compiled["loads"] == 0, got
+    assert loaded["count"] == compiled["count"] and loaded["loads"] == loaded["count"], got  # not twice
+    for run in (compiled, loaded):
+        assert run["rec_compiles"] == run["count"], got
+        assert run["rec_seconds"] == pytest.approx(run["total"]) and run["total"] > run["seconds"] > 0, got
