@@ -71,9 +71,9 @@ def _cmd_tts(args: argparse.Namespace) -> int:
     import time
 
     import numpy as np
-    import soundfile
 
     from cosyjax.pipeline import CosyVoice3
+    from cosyjax.serving.pcm import write_wav16
 
     mode = _mode(args)
     if mode != "vc" and not (args.text and args.text.strip()):
@@ -115,7 +115,7 @@ def _cmd_tts(args: argparse.Namespace) -> int:
     fd, tmp = tempfile.mkstemp(suffix=".wav", dir=out_dir)
     os.close(fd)
     try:
-        soundfile.write(tmp, audio, tts.sample_rate, subtype="PCM_16")
+        write_wav16(tmp, audio, tts.sample_rate)  # the HTTP API's and the web UI's int16 samples
         os.replace(tmp, args.output)
     except BaseException:
         os.unlink(tmp)

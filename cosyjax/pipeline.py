@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import inspect
 import os
 import re
 import tempfile
@@ -53,6 +54,8 @@ DEFAULT_HUB_ID = "FunAudioLLM/Fun-CosyVoice3-0.5B-2512"
 SPEECH_TOKENIZER = "speech_tokenizer_v3.onnx"
 SPEAKER_ENCODER = "campplus.onnx"
 FRONTENDS = ("onnx", "jax")  # where the prompt's speech tokenizer and speaker encoder run
+# The modes of CosyVoice3.inference, each the inference_<mode> method it calls.
+MODES = ("zero_shot", "cross_lingual", "instruct2", "vc")
 # The system prompt of every CosyVoice3 prompt in upstream's examples and instruct_list.
 SYSTEM_PROMPT = "You are a helpful assistant."
 # Shorter prompt recordings hold a handful of speech tokens (25 Hz): too little voice to clone.
@@ -416,6 +419,55 @@ class CosyVoice3:
                 "embedding": prompt.embedding}
 
     # ------------------------------------------------------------------ modes
+    def inference(self, mode: str, *, tts_text: str | None = None, prompt_text: str | None = None,
+                  instruct_text: str | None = None, prompt_wav: Any = None, source_wav: Any = None,
+                  zero_shot_spk_id: str = "", stream: bool | None = None, speed: float | None = None,
+                  text_frontend: bool | None = None, seed: int | None = None, language: str | None = None,
+                  strict: bool | None = None, timings: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The ``inference_<mode>`` call for ``mode`` (one of :data:`MODES`: ``"zero_shot"``,
+        ``"cross_lingual"``, ``"instruct2"``, ``"vc"``), for callers that pick the mode at run time.
+
+        The keywords are those of the ``inference_*`` methods, same names and meanings; an argument left
+        ``None`` (``zero_shot_spk_id``: ``""``) is not passed, so that method's default applies.  Which
+        keywords a mode takes is :data:`MODE_ARGUMENTS`.  Returns that method's generator, called here
+        (so its own checks run when they would on a direct call): ``inference("vc", source_wav=a,
+        prompt_wav=b)`` is ``inference_vc(a, b)``, ``inference("zero_shot", tts_text=t, prompt_text=p,
+        prompt_wav=w, seed=3)`` is ``inference_zero_shot(t, p, w, seed=3)``.
+
+        Raises:
+          ValueError: ``mode`` is not one of :data:`MODES`; a keyword the mode does not take is given
+            (e.g. ``seed`` or ``tts_text`` for ``"vc"``, ``prompt_text`` for ``"cross_lingual"``); one it
+            needs is missing: ``tts_text`` (text modes), ``prompt_text`` (``"zero_shot"`` without a
+            cached voice), ``instruct_text`` (``"instruct2"``), ``prompt_wav`` or ``zero_shot_spk_id``
+            (text modes), ``source_wav`` and ``prompt_wav`` (``"vc"``).  The message names the field.
+        """
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        given = {name: value for name, value in dict(
+            tts_text=tts_text, prompt_text=prompt_text, instruct_text=instruct_text, prompt_wav=prompt_wav,
+            source_wav=source_wav, zero_shot_spk_id=zero_shot_spk_id or None, stream=stream, speed=speed,
+            text_frontend=text_frontend, seed=seed, language=language, strict=strict, timings=timings,
+        ).items() if value is not None}
+        refused = [name for name in given if name not in MODE_ARGUMENTS[mode]]
+        if refused:
+            raise ValueError(f"mode {mode} takes no {', '.join(refused)} (inference_{mode} has no such argument)")
+        if mode == "vc":
+            needed = [name for name in ("source_wav", "prompt_wav") if name not in given]
+        else:
+            needed = [] if "tts_text" in given else ["tts_text"]
+            if mode == "instruct2" and "instruct_text" not in given:
+                needed.append("instruct_text")
+            if mode == "zero_shot" and "prompt_text" not in given:
+                if zero_shot_spk_id:  # a cached voice brings its own transcript: inference_zero_shot ignores it
+                    given["prompt_text"] = ""
+                else:
+                    needed.append("prompt_text (the transcript of prompt_wav)")
+            if "prompt_wav" not in given and not zero_shot_spk_id:
+                needed.append("prompt_wav (or a cached zero_shot_spk_id)")
+        if needed:
+            raise ValueError(f"mode {mode} needs {', '.join(needed)}")
+        return getattr(self, f"inference_{mode}")(**given)
+
     def inference_zero_shot(self, tts_text: str, prompt_text: str, prompt_wav: Any = None, zero_shot_spk_id: str = "",
                             stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
                             seed: int = 0, *, language: str | None = None, strict: bool = False,
@@ -546,3 +598,8 @@ class CosyVoice3:
                                              "prompt_text_ids": np.asarray(meta["prompt_text_ids"], np.int64)}
                 loaded.append(meta["id"])
         return loaded
+
+
+# The keyword arguments of CosyVoice3.inference each mode takes: its inference_<mode> method's parameters.
+MODE_ARGUMENTS = {mode: tuple(name for name in inspect.signature(getattr(CosyVoice3, f"inference_{mode}")).parameters
+                              if name != "self") for mode in MODES}

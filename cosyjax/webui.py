@@ -6,9 +6,9 @@ microphone; cached voices (``--spkinfo``, written by ``CosyVoice3.save_spkinfo``
 prompt as a voice"; a seed with a dice button; speed (non-stream only); streamed playback as the
 chunks arrive; the result as a 24 kHz 16-bit wav to play or download, with the settings that made it.
 
-Every request is one call of the pipeline's ``inference_*`` method, with the pipeline routed through
-its batching engine (``CosyVoice3.use_engine``), so concurrent visitors share the device.  Bad input
-shows the pipeline's own message in the page (``gr.Error``), never a traceback.
+Every request is one call of the pipeline's ``inference_*`` method (``CosyVoice3.inference``), with the
+pipeline routed through its batching engine (``CosyVoice3.use_engine``), so concurrent visitors share the
+device.  Bad input shows the pipeline's own message in the page (``gr.Error``), never a traceback.
 
 Streamed playback needs ``ffmpeg`` on the server (Gradio sends the chunks to the browser as AAC);
 without it a streamed request is refused with that message and non-stream requests work as usual.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import io
 import itertools
 import logging
 import os
@@ -41,6 +40,8 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = 'the web UI needs gradio: pip install "cosyjax[webui]"'
 ZERO_SHOT, CROSS_LINGUAL, INSTRUCT2, VC = "zero-shot", "cross-lingual", "instruct2", "voice conversion"
 MODES = (ZERO_SHOT, CROSS_LINGUAL, INSTRUCT2, VC)
+# The page's mode labels -> CosyVoice3.inference's modes (cosyjax.pipeline.MODES).
+PIPELINE_MODES = {ZERO_SHOT: "zero_shot", CROSS_LINGUAL: "cross_lingual", INSTRUCT2: "instruct2", VC: "vc"}
 # The numbered steps shown beside the mode choice (upstream's demo shows one such text per mode).
 STEPS = {
     ZERO_SHOT: "1. Upload a prompt recording or record one with the microphone (at most 30 s; when both are "
@@ -130,17 +131,16 @@ class Request:
         return notes
 
     def run(self, tts: Any) -> Iterator[dict[str, np.ndarray]]:
-        """The pipeline call for this request (after :meth:`check`)."""
-        if self.mode == VC:
-            return tts.inference_vc(self.source_wav, self.prompt_wav, stream=self.stream, speed=self.speed)
-        wav = None if self.voice else self.prompt_wav
-        common = dict(zero_shot_spk_id=self.voice, stream=self.stream, speed=self.speed, seed=self.seed,
+        """The pipeline call for this request (after :meth:`check`): ``CosyVoice3.inference`` with the
+        inputs this mode takes (the page's other boxes are ignored, see :meth:`check`'s notes)."""
+        from cosyjax.pipeline import MODE_ARGUMENTS
+
+        mode = PIPELINE_MODES[self.mode]
+        fields = dict(tts_text=self.text, prompt_text=self.prompt_text, instruct_text=self.instruct_text,
+                      prompt_wav=None if self.voice else self.prompt_wav, source_wav=self.source_wav,
+                      zero_shot_spk_id=self.voice, stream=self.stream, speed=self.speed, seed=self.seed,
                       language=self.language)
-        if self.mode == ZERO_SHOT:
-            return tts.inference_zero_shot(self.text, self.prompt_text, wav, **common)
-        if self.mode == CROSS_LINGUAL:
-            return tts.inference_cross_lingual(self.text, wav, **common)
-        return tts.inference_instruct2(self.text, self.instruct_text, wav, **common)
+        return tts.inference(mode, **{k: v for k, v in fields.items() if k in MODE_ARGUMENTS[mode]})
 
     def settings(self) -> dict[str, Any]:
         """The settings shown with the result (enough to make the same audio again)."""
@@ -154,12 +154,11 @@ class Request:
 
 
 def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
-    """``audio`` (float32, [-1, 1]) as a 16-bit PCM wav file."""
-    import soundfile
+    """``audio`` (float32, [-1, 1]) as a 16-bit PCM wav file: the samples of the HTTP API's PCM and of
+    ``cosyjax tts``'s wav (``cosyjax.serving.pcm.pcm16``, truncated toward zero as upstream)."""
+    from cosyjax.serving.pcm import wav16_bytes
 
-    buf = io.BytesIO()
-    soundfile.write(buf, np.asarray(audio, np.float32).reshape(-1), sample_rate, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
+    return wav16_bytes(audio, sample_rate)
 
 
 def player_html(path: str | None, autoplay: bool = False) -> str:

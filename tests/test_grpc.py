@@ -27,6 +27,7 @@ import soundfile
 
 grpc = pytest.importorskip("grpc")
 
+from cosyjax.pipeline import CosyVoice3  # noqa: E402
 from cosyjax.serving import cosyvoice_pb2, cosyvoice_pb2_grpc  # noqa: E402
 from cosyjax.serving.engine import Engine, EngineConfig, QueueFull  # noqa: E402
 from cosyjax.serving.grpc_service import INSTRUCT_MESSAGE, SFT_MESSAGE, serve_grpc  # noqa: E402
@@ -334,6 +335,8 @@ class _QueueFullPipeline:
     def inference_cross_lingual(self, tts_text, prompt_wav, **options):
         raise QueueFull("64 requests are waiting (max_pending=64)", 2.0)
         yield  # a generator, as the pipeline's calls are through the engine
+
+    inference = CosyVoice3.inference  # the real mode dispatch, onto the stand-in's inference_cross_lingual
 
 
 def test_full_queue_is_resource_exhausted_with_retry_after():

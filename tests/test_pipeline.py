@@ -59,15 +59,20 @@ def test_same_seed_same_audio_stream_or_not(tts, prompt_wav):
 
 
 def test_speaker_cache_round_trip(tts, prompt_wav, tmp_path):
-    assert tts.add_zero_shot_spk(PROMPT_TEXT, prompt_wav, "alice")
-    direct = np.concatenate(_audio(tts.inference_zero_shot("Hello.", PROMPT_TEXT, prompt_wav, seed=1)), axis=1)
-    cached = np.concatenate(_audio(tts.inference_zero_shot("Hello.", "", zero_shot_spk_id="alice", seed=1)), axis=1)
-    np.testing.assert_array_equal(direct, cached)
-    tts.save_spkinfo(str(tmp_path / "voices"))
-    tts.spk2info.clear()
-    assert tts.load_spkinfo(str(tmp_path / "voices")) == ["alice"]
-    again = np.concatenate(_audio(tts.inference_zero_shot("Hello.", "", zero_shot_spk_id="alice", seed=1)), axis=1)
-    np.testing.assert_array_equal(direct, again)
+    try:
+        assert tts.add_zero_shot_spk(PROMPT_TEXT, prompt_wav, "alice")
+        direct = np.concatenate(_audio(tts.inference_zero_shot("Hello.", PROMPT_TEXT, prompt_wav, seed=1)), axis=1)
+        cached = np.concatenate(_audio(tts.inference_zero_shot("Hello.", "", zero_shot_spk_id="alice", seed=1)),
+                                axis=1)
+        np.testing.assert_array_equal(direct, cached)
+        tts.save_spkinfo(str(tmp_path / "voices"))
+        tts.spk2info.clear()
+        assert tts.load_spkinfo(str(tmp_path / "voices")) == ["alice"]
+        again = np.concatenate(_audio(tts.inference_zero_shot("Hello.", "", zero_shot_spk_id="alice", seed=1)),
+                               axis=1)
+        np.testing.assert_array_equal(direct, again)
+    finally:  # the session's pipeline is shared: test_server registers its own "alice" on it
+        tts.spk2info.pop("alice", None)
 
 
 def test_bad_inputs(tts, prompt_wav, tmp_path):
@@ -89,6 +94,69 @@ def test_bad_inputs(tts, prompt_wav, tmp_path):
         tts.inference_cross_lingual("Hello.", str(silent))
     with pytest.raises(ValueError, match="[Pp]unctuation|empty"):
         next(tts.inference_zero_shot("...!?", PROMPT_TEXT, prompt_wav))
+
+
+def test_inference_dispatch_equals_each_mode_method(tts, prompt_wav, monkeypatch):
+    """``inference(mode, ...)`` gives what that mode's ``inference_*`` method gives (same seed)."""
+    import jax
+
+    from cosyjax.pipeline import MODES
+
+    def audio(gen):
+        return np.concatenate(_audio(gen), axis=1)
+
+    cross_text = "You are a helpful assistant.<|endofprompt|>Hello."
+    instruction = "You are a helpful assistant. Speak fast.<|endofprompt|>"
+    cases = {
+        "zero_shot": (dict(tts_text="Hello.", prompt_text=PROMPT_TEXT, prompt_wav=prompt_wav, seed=5),
+                      lambda: tts.inference_zero_shot("Hello.", PROMPT_TEXT, prompt_wav, seed=5)),
+        "instruct2": (dict(tts_text="Hello.", instruct_text=instruction, prompt_wav=prompt_wav, seed=7),
+                      lambda: tts.inference_instruct2("Hello.", instruction, prompt_wav, seed=7)),
+        "vc": (dict(source_wav=prompt_wav, prompt_wav=prompt_wav), lambda: tts.inference_vc(prompt_wav, prompt_wav)),
+        "cross_lingual": (dict(tts_text=cross_text, prompt_wav=prompt_wav, seed=6),
+                          lambda: tts.inference_cross_lingual(cross_text, prompt_wav, seed=6)),
+    }
+    assert sorted(cases) == sorted(MODES)
+    # A cached voice: zero_shot needs no prompt_text (the voice has its transcript), as inference_zero_shot.
+    tts.add_zero_shot_spk(PROMPT_TEXT, prompt_wav, "dispatch voice")
+    try:
+        np.testing.assert_array_equal(
+            audio(tts.inference("zero_shot", tts_text="Hello.", zero_shot_spk_id="dispatch voice", seed=5)),
+            audio(tts.inference_zero_shot("Hello.", "", zero_shot_spk_id="dispatch voice", seed=5)))
+    finally:
+        del tts.spk2info["dispatch voice"]
+    for mode, (kwargs, direct) in cases.items():
+        if mode == "cross_lingual":  # its text decodes to the length cap (tens of s on CPU): forced tokens
+            calls = record_llm_inputs(tts, monkeypatch)
+        np.testing.assert_array_equal(audio(tts.inference(mode, **kwargs)), audio(direct()), err_msg=mode)
+    assert len(calls) == 2  # ... and the same seed's key in both calls
+    np.testing.assert_array_equal(*(jax.random.key_data(call["key"]) for call in calls))
+
+
+def test_inference_dispatch_refuses_bad_modes_and_arguments(tts, prompt_wav):
+    """Checked before anything runs: the mode, then each argument the mode refuses or needs, by name."""
+    from cosyjax.pipeline import MODE_ARGUMENTS
+
+    assert "seed" not in MODE_ARGUMENTS["vc"] and "prompt_text" not in MODE_ARGUMENTS["cross_lingual"]
+    for bad in ("sft", "zero-shot", None):
+        with pytest.raises(ValueError, match=r"mode .*: expected one of zero_shot, cross_lingual, instruct2, vc"):
+            tts.inference(bad, tts_text="Hello.", prompt_wav=prompt_wav)
+    with pytest.raises(ValueError, match="mode zero_shot needs prompt_text"):
+        tts.inference("zero_shot", tts_text="Hello.", prompt_wav=prompt_wav)
+    with pytest.raises(ValueError, match="mode instruct2 needs instruct_text"):
+        tts.inference("instruct2", tts_text="Hello.", prompt_wav=prompt_wav)
+    with pytest.raises(ValueError, match="mode cross_lingual needs tts_text"):
+        tts.inference("cross_lingual", prompt_wav=prompt_wav)
+    with pytest.raises(ValueError, match=r"mode cross_lingual needs prompt_wav \(or a cached zero_shot_spk_id\)"):
+        tts.inference("cross_lingual", tts_text="Hello.")
+    with pytest.raises(ValueError, match="mode vc needs source_wav"):
+        tts.inference("vc", prompt_wav=prompt_wav)
+    with pytest.raises(ValueError, match="mode vc takes no seed"):
+        tts.inference("vc", source_wav=prompt_wav, prompt_wav=prompt_wav, seed=1)
+    with pytest.raises(ValueError, match="mode vc takes no tts_text, language"):
+        tts.inference("vc", tts_text="Hello.", source_wav=prompt_wav, prompt_wav=prompt_wav, language="en")
+    with pytest.raises(ValueError, match="mode cross_lingual takes no prompt_text"):
+        tts.inference("cross_lingual", tts_text="Hello.", prompt_text=PROMPT_TEXT, prompt_wav=prompt_wav)
 
 
 def test_offline_hub_id_gives_one_clear_error(tmp_path, monkeypatch):

@@ -503,6 +503,84 @@ def test_client_disconnect_stops_the_request():
     assert fake.chunks_made < 3  # stopped at the next chunk boundary, not run to the end
 
 
+class _KnownAudio:
+    """Stands in for CosyVoice3 (no engine): every route's generator yields ``_EDGE_AUDIO`` in two chunks."""
+
+    sample_rate = 24000
+
+    def __init__(self):
+        self.spk2info: dict = {"v": {}}
+
+    def _chunks(self):
+        half = _EDGE_AUDIO.size // 2
+        yield {"tts_speech": _EDGE_AUDIO[None, :half].copy()}
+        yield {"tts_speech": _EDGE_AUDIO[None, half:].copy()}
+
+    def inference_cross_lingual(self, *args, **kwargs):
+        return self._chunks()
+
+    def inference_zero_shot(self, *args, **kwargs):
+        return self._chunks()
+
+
+# Values where rounding and truncating toward zero differ: half- and fractional LSB steps on both sides of
+# zero, and the clipped ends (1.0 -> 32767, below -1 -> -32768).
+_EDGE_AUDIO = np.concatenate([np.arange(-40, 41) * 0.5, [0.3, -0.3, 0.7, -0.7, 1.5, -1.5, 2.99, -2.99, 100.5,
+                                                           -100.5, 32766.5, -32767.5, 32768.0, -32768.0,
+                                                           -40000.0]]).astype(np.float32) / np.float32(32768)
+
+
+def test_every_16_bit_output_holds_the_same_truncated_samples(tmp_path, monkeypatch):
+    """The web UI's wav, ``cosyjax tts``'s wav file, the HTTP wire PCM (upstream routes, streamed), the
+    /synthesize wav and the OpenAI route's wav/flac/pcm: one set of int16 samples, upstream's
+    ``(x * 2**15).astype(int16)`` (truncated toward zero, clipped), not libsndfile's rounding."""
+    import math
+
+    from cosyjax import pipeline
+    from cosyjax.cli import main
+    from cosyjax.serving.pcm import pcm16, to_pcm16, wav16_bytes
+    from cosyjax.webui import wav_bytes
+
+    want = np.array([max(-32768, min(32767, math.trunc(float(x) * 32768))) for x in _EDGE_AUDIO], np.int16)
+    assert not np.array_equal(want, np.clip(np.round(_EDGE_AUDIO.astype(np.float64) * 32768), -32768, 32767))
+
+    def wav_samples(data: bytes, rate: int = 24000) -> np.ndarray:
+        info = soundfile.info(io.BytesIO(data))
+        assert (info.format, info.subtype, info.channels, info.samplerate) == ("WAV", "PCM_16", 1, rate)
+        return soundfile.read(io.BytesIO(data), dtype="int16")[0]
+
+    np.testing.assert_array_equal(pcm16(_EDGE_AUDIO), want)
+    np.testing.assert_array_equal(np.frombuffer(to_pcm16(_EDGE_AUDIO[None]), "<i2"), want)
+    np.testing.assert_array_equal(wav_samples(wav16_bytes(_EDGE_AUDIO, 24000)), want)
+    webui = wav_samples(wav_bytes(_EDGE_AUDIO, 24000))
+
+    fake = _KnownAudio()
+    monkeypatch.setattr(pipeline.CosyVoice3, "from_pretrained", classmethod(lambda cls, *a, **k: fake))
+    prompt_wav, out = tmp_path / "prompt.wav", tmp_path / "out.wav"
+    prompt_wav.write_bytes(voice_wav_bytes())
+    assert main(["tts", "--model-dir", RELEASE, "--text", "Hello.", "--prompt-wav", str(prompt_wav),
+                 "--prompt-text", "A prompt.", "-o", str(out)]) == 0
+    cli = wav_samples(out.read_bytes())
+    assert sorted(os.listdir(tmp_path)) == ["out.wav", "prompt.wav"]  # the temp file was renamed
+
+    with TestClient(create_app(fake)) as c:
+        r = c.post("/inference_cross_lingual", data={"tts_text": "Hi.", "spk_id": "v"})
+        assert r.status_code == 200, r.text
+        wire = np.frombuffer(r.content, "<i2")
+        r = c.post("/synthesize", json={"text": "Hi.", "prompt_audio": "v"})
+        assert r.status_code == 200, r.text
+        synthesize = wav_samples(r.content)
+        speech = {}
+        for fmt in ("wav", "flac", "pcm"):
+            r = c.post("/v1/audio/speech", json={"input": "Hi.", "voice": "v", "response_format": fmt})
+            assert r.status_code == 200, r.text
+            speech[fmt] = (np.frombuffer(r.content, "<i2") if fmt == "pcm" else wav_samples(r.content) if fmt == "wav"
+                           else soundfile.read(io.BytesIO(r.content), dtype="int16")[0])
+    for name, got in {"webui": webui, "cli": cli, "wire": wire, "synthesize": synthesize,
+                      **{f"openai {k}": v for k, v in speech.items()}}.items():
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
 def test_errors_before_the_first_chunk_become_status_codes():
     from cosyjax.serving import QueueFull
 

@@ -120,15 +120,14 @@ def single_request(tts: Any, entry: Entry) -> Iterator[dict[str, np.ndarray]]:
     Returns the pipeline's generator of ``{"tts_speech": [1, samples]}``; its chunks joined are the line's
     audio.  ``run_batch`` writes, for every line, what this gives (within float32 rounding, see ``run_batch``).
     """
-    voice = dict(zero_shot_spk_id=entry.spk_id or "")
-    common = dict(speed=entry.speed, seed=entry.seed)
-    if entry.mode == "zero_shot":
-        return tts.inference_zero_shot(entry.text, entry.prompt_text or "", entry.prompt_wav, **voice, **common)
-    if entry.mode == "cross_lingual":
-        return tts.inference_cross_lingual(entry.text, entry.prompt_wav, **voice, **common)
-    if entry.mode == "instruct2":
-        return tts.inference_instruct2(entry.text, entry.instruct_text, entry.prompt_wav, **voice, **common)
-    return tts.inference_vc(entry.source_wav, entry.prompt_wav, speed=entry.speed)
+    from cosyjax.pipeline import MODE_ARGUMENTS
+
+    # The manifest's modes are the pipeline's (manifest.MODES); a field the mode does not take (vc: text,
+    # seed) is left out, the manifest having refused any that would matter.
+    fields = dict(tts_text=entry.text, prompt_text=entry.prompt_text, instruct_text=entry.instruct_text,
+                  prompt_wav=entry.prompt_wav, source_wav=entry.source_wav, zero_shot_spk_id=entry.spk_id or "",
+                  speed=entry.speed, seed=entry.seed)
+    return tts.inference(entry.mode, **{k: v for k, v in fields.items() if k in MODE_ARGUMENTS[entry.mode]})
 
 
 class _Recorder:
@@ -333,8 +332,13 @@ class OutputDir:
     def write_wav(self, ident: str, audio: np.ndarray) -> None:
         import soundfile
 
+        from cosyjax.serving.pcm import write_wav16
+
         with staged_file(self.wav(ident)) as tmp:
-            soundfile.write(tmp, audio, self.sample_rate, subtype=self.subtype)
+            if self.subtype == "PCM_16":  # the int16 samples of cosyjax tts, the web UI and the HTTP API
+                write_wav16(tmp, audio, self.sample_rate)
+            else:
+                soundfile.write(tmp, audio, self.sample_rate, subtype=self.subtype)
 
     def journal(self, path: str, records: Sequence[dict[str, Any]]) -> None:
         """Append records and make them durable (one fsync per batch)."""

@@ -86,6 +86,9 @@ DEFAULT_PORT = 50000  # upstream's server default
 DEFAULT_MAX_WORKERS = 8
 PAYLOAD = "RequestPayload"  # the oneof of Request
 SUPPORTED = ("zero_shot_request", "cross_lingual_request", "instruct2_request", "vc_request")
+# The request kinds -> CosyVoice3.inference's modes (cosyjax.pipeline.MODES).
+KIND_MODES = {"zero_shot_request": "zero_shot", "cross_lingual_request": "cross_lingual",
+              "instruct2_request": "instruct2", "vc_request": "vc"}
 SFT_MESSAGE = ("sft_request: CosyVoice3 has no SFT speakers (its release ships no spk2info with pretrained "
                "voices); send a zero_shot_request with tts_text, prompt_text and prompt_audio instead")
 INSTRUCT_MESSAGE = ("instruct_request: CosyVoice3 has no v1 instruct mode (speaker id + instruction); send an "
@@ -189,24 +192,18 @@ class CosyVoiceServicer(pb_grpc.CosyVoiceServicer):
         def prompt(field: str = "prompt_audio") -> tuple[np.ndarray, int]:
             return pcm16_to_float(getattr(body, field), f"{kind}.{field}"), PROMPT_SAMPLE_RATE
 
-        if kind == "zero_shot_request":
-            text = self._text(body.tts_text, f"{kind}.tts_text")
-            prompt_text = self._text(body.prompt_text, f"{kind}.prompt_text")
-            wav = prompt()
-            return kind, lambda: tts.inference_zero_shot(text, prompt_text, wav, **options)
-        if kind == "cross_lingual_request":
-            text = self._text(body.tts_text, f"{kind}.tts_text")
-            wav = prompt()
-            return kind, lambda: tts.inference_cross_lingual(text, wav, **options)
-        if kind == "instruct2_request":
-            text = self._text(body.tts_text, f"{kind}.tts_text")
-            instruct_text = self._text(body.instruct_text, f"{kind}.instruct_text")
-            wav = prompt()
-            return kind, lambda: tts.inference_instruct2(text, instruct_text, wav, **options)
-        # vc_request: the pipeline loads the source from a file (bytes), the prompt from (waveform, rate)
-        source = _wav_bytes(prompt("source_audio")[0])
-        wav = prompt()
-        return kind, lambda: tts.inference_vc(source, wav, **options)
+        if kind == "vc_request":
+            # the pipeline loads the source from a file (bytes), the prompt from (waveform, rate)
+            options["source_wav"] = _wav_bytes(prompt("source_audio")[0])
+        else:
+            options["tts_text"] = self._text(body.tts_text, f"{kind}.tts_text")
+            if kind == "zero_shot_request":
+                options["prompt_text"] = self._text(body.prompt_text, f"{kind}.prompt_text")
+            if kind == "instruct2_request":
+                options["instruct_text"] = self._text(body.instruct_text, f"{kind}.instruct_text")
+        options["prompt_wav"] = prompt()
+        mode = KIND_MODES[kind]
+        return kind, lambda: tts.inference(mode, **options)
 
     # ------------------------------------------------------------------ the rpc
     def Inference(self, request: pb.Request, context: grpc.ServicerContext) -> Iterator[pb.Response]:

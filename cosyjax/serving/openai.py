@@ -13,7 +13,8 @@ Request (JSON), the fields of OpenAI's ``audio.speech.create``:
 - ``stream``: true sends ``pcm`` chunks as they are synthesised (chunked transfer encoding).
 - ``seed`` (extension): the pipeline's seed (default 0).
 
-All formats hold the same int16 samples as the upstream routes' PCM (``cosyjax.serving.pcm.to_pcm16``).
+All formats hold the same int16 samples as the upstream routes' PCM, the web UI's and ``cosyjax tts``'s wavs
+(``cosyjax.serving.pcm.pcm16``: ``x * 2**15`` truncated toward zero, clipped).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from cosyjax.serving.pcm import pcm16, wav16_bytes
 from cosyjax.serving.speakers import check_spk_id
 
 if TYPE_CHECKING:
@@ -54,10 +56,17 @@ def check_format(response_format: Any, field: str = "response_format") -> str:
 
 
 def encode_audio(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
-    """int16 mono samples as a ``fmt`` file (``pcm``: the raw little-endian bytes)."""
-    pcm = np.asarray(pcm, "<i2").reshape(-1)
+    """Audio as a ``fmt`` file (``pcm``: the raw little-endian bytes).
+
+    ``pcm``: int16 mono samples (``cosyjax.serving.pcm.pcm16``'s), or float audio, converted by that same
+    ``pcm16``; every format starts from those int16 samples (wav and flac hold them exactly; mp3 encodes
+    them, as floats ``pcm / 32768``).
+    """
+    pcm = pcm16(pcm)
     if fmt == "pcm":
-        return pcm.tobytes()
+        return pcm.astype("<i2").tobytes()
+    if fmt == "wav":
+        return wav16_bytes(pcm, sample_rate)
     import soundfile
 
     out = io.BytesIO()
