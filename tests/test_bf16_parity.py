@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from cosyjax.convert import convert_model
@@ -50,8 +51,8 @@ def test_every_stage_meets_the_bf16_targets(report):
         assert snr["mel"] >= bf16.SNR_DB and min(snr.values()) >= bf16.SNR_DB, (name, snr)
     for name in ("hift", "hift_partial"):
         snr = _snr(report, name)
-        assert snr["audio"] >= bf16.AUDIO_SNR_DB, (name, snr)
-        assert min(snr["f0"], snr["source"], snr["conv_post"]) >= bf16.SNR_DB, (name, snr)
+        assert min(snr["audio"], snr["conv_post"]) >= bf16.AUDIO_SNR_DB, (name, snr)
+        assert min(snr["f0"], snr["source"]) >= bf16.SNR_DB, (name, snr)
     for name in ("llm", "llm_greedy"):
         assert min(_snr(report, name).values()) >= bf16.SNR_DB
 
@@ -91,3 +92,23 @@ def test_teacher_forced_flow_is_float32_and_the_rest_bf16():
     assert leaves and all(str(a.dtype) != "bfloat16" for a in leaves)
     stored = bf16.bf16_stored_flow(model, os.path.join(CASE, "model"))
     assert stored.params["flow"] is model.params["flow"] and stored.dtype == "float32"
+
+
+def test_agreement_holds_decidable_steps_and_reports_near_ties():
+    """``compare_agreement``: a flip inside the bf16 error of a near-tied step is reported, not held; a flip
+    of a step whose margin bf16 cannot cross fails; a wrong row cannot make its own step a tie."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(200, 50))
+    ref[:, 7] = ref.max(-1) + 1.0  # every step decided by a margin of 1 ...
+    ref[:3, 8] = ref[:3, 7] - 1e-3  # ... but three near-ties
+    ours = ref + 1e-3 * rng.normal(size=ref.shape)  # bf16-sized error (about 60 dB)
+    ours[:3, 8] = ours[:3, 7] + 1e-3  # the near-ties flip
+    c = bf16.compare_agreement("k", ours, ref)
+    assert c.passed and c.max_abs == 0.0 and "3 near-tie row(s)" in c.message and "3 of them flipped" in c.message
+    assert "98.50% of 200" in c.message  # the raw agreement, reported
+    flipped = ours.copy()
+    flipped[10:13, 3] = flipped[10:13, 7] + 1.0  # three decided steps flip: 197 / 200 < 99 %
+    assert not bf16.compare_agreement("k", flipped, ref).passed
+    wrong = ours.copy()
+    wrong[20:23] = rng.normal(size=(3, 50)) * 100.0  # rows of garbage: their error is capped, their flips held
+    assert not bf16.compare_agreement("k", wrong, ref).passed

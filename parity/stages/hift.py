@@ -32,9 +32,11 @@ from cosyjax.parity.stages import GroupResult
 # its weights are not perturbed and f0 is held to 2 float32 ulp (its one rounding to float32).
 # bfloat16: bf16 compute (the bf16 policy: bf16 conv stacks; the f0 net, NSF source and iSTFT in
 # float32, no float64) against the float32 reference, to the targets of cosyjax.parity.bf16: f0,
-# source and conv_post SNR >= 30 dB, audio SNR >= 20 dB (measured numbers in parity/TOLERANCES.md).
+# source SNR >= 30 dB; audio and conv_post (the audio's STFT, one iSTFT away: it cannot be held tighter
+# than the audio it becomes) SNR >= 20 dB (measured numbers in parity/TOLERANCES.md).
 SNR_MIN_DB = 60.0  # float32 audio floor
 NAMES = ("f0", "source", "conv_post", "audio")
+AUDIO_DOMAIN = ("conv_post", "audio")  # held to the bf16 audio target
 
 
 def float64_part(path: str) -> bool:
@@ -68,7 +70,7 @@ def run(case: Case, group: str, model: ConvertedModel) -> GroupResult:
     if model.dtype == "bfloat16":
         out = _compute(case, group, model)
         for n in names:
-            target = bf16.AUDIO_SNR_DB if n == "audio" else bf16.SNR_DB
+            target = bf16.AUDIO_SNR_DB if n in AUDIO_DOMAIN else bf16.SNR_DB
             comparisons.append(bf16.compare_snr(f"{group}/{n}", out[n], ref[n], target))
         return GroupResult(outputs={f"{group}/{n}": v for n, v in out.items()}, comparisons=comparisons,
                            plots=_plots(group))
