@@ -3,8 +3,9 @@
 ``cosyjax.parity.random_config.random_case_config(seed)`` draws dims a fitted tolerance would not
 survive (wide HiFT, deep/wide DiT, GQA ratios 1-8, tied and untied Qwen heads, prompt and target
 lengths up to a few hundred tokens); for each seed the case is made by upstream (``make_case``) and
-checked with ``cosyjax parity check``: every group must pass.  Needs COSYJAX_REFERENCE_REPO (an
-upstream CosyVoice checkout); each case takes about a minute to make and two to check on 2 cores.
+checked with ``cosyjax parity check``, in float32 and in bfloat16: every group must pass.  Needs
+COSYJAX_REFERENCE_REPO (an upstream CosyVoice checkout); each case takes about a minute to make, two to check
+in float32 and one or two in bfloat16 on 2 cores.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ def test_random_config_passes_every_group(seed, long, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     case = make_case(repo, str(path), seed, str(tmp_path / "case"), progress=False)
-    report = run_check(case, str(tmp_path / "report"), progress=False, plots=False)
-    failed = [f"{g['group']}: {g['status']} {g['message'][:300]} "
-              + "; ".join(f"{c['key']} max_abs={c['max_abs']} tol={c['atol']} {c['message']}"
-                          for c in g["comparisons"] if not c["passed"])
-              for g in report["groups"] if g["status"] != "pass"]
-    assert not failed, f"{cfg}\n" + "\n".join(failed)
-    assert {g["group"] for g in report["groups"]} >= {"llm", "llm_greedy", "flow", "flow_stream", "hift",
-                                                       "hift_partial", "tts", "tts_stream"}
+    for dtype in ("float32", "bfloat16"):  # float32: the error model; bfloat16: the bf16 targets (parity/bf16.py)
+        report = run_check(case, str(tmp_path / f"report-{dtype}"), progress=False, plots=False, dtype=dtype)
+        failed = [f"{g['group']}: {g['status']} {g['message'][:300]} "
+                  + "; ".join(f"{c['key']} max_abs={c['max_abs']} tol={c['atol']} snr={c['snr_db']} {c['message']}"
+                              for c in g["comparisons"] if not c["passed"])
+                  for g in report["groups"] if g["status"] != "pass"]
+        assert not failed, f"{dtype} {cfg}\n" + "\n".join(failed)
+        assert {g["group"] for g in report["groups"]} >= {"llm", "llm_greedy", "flow", "flow_stream", "hift",
+                                                           "hift_partial", "tts", "tts_stream"}
 
 
 def test_random_configs_are_valid_and_differ():
