@@ -419,8 +419,8 @@ def hift_inference(params: Mapping[str, Any], mel: Any, *, cfg: HiftConfig, fina
 
     Returns:
       audio [B, N] float32 numpy (cut on the host: a device slice would compile per length) with
-      N = ``output_samples(max(mel_len), cfg, finalize)``; a shorter row is followed by zeros.  With ``return_intermediates``, a dict with "audio", "audio_len" [B] and
-      the padded "f0" [B, Tp], "source" [B, Tp*S], "conv_post" [B, F, N_fft+2] plus their valid
+      N = ``output_samples(max(mel_len), cfg, finalize)``; a shorter row is followed by zeros.  With
+      ``return_intermediates``, a dict with "audio", "audio_len" [B] and the padded "f0" [B, Tp], "source" [B, Tp*S], "conv_post" [B, F, N_fft+2] plus their valid
       lengths "f0_len" and "conv_post_len".
 
     Raises:

@@ -99,6 +99,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry_2x32
 
+from cosyjax.buckets import bucket_table, geometric_bucket
 from cosyjax.config import HiftConfig
 from cosyjax.hift.f0 import (FIRST_KERNEL, KERNEL, LOOK_AHEAD, NUM_CONVS, WeightNormConv1d, causal_padding,
                              float64_available, float64_scope)
@@ -195,9 +196,14 @@ def stream_plan(cfg: HiftConfig) -> StreamPlan:
                       tail_stft=tail_stft, tail_x=tuple(tail_x), tail_u=c_ups[-1] - (c_stage[-1] - 1))
 
 
+STREAM_BUCKET_MIN = 16
+# Push buckets: powers of two from STREAM_BUCKET_MIN (cosyjax.buckets' table at one bucket per octave).
+STREAM_BUCKETS = dict(minimum=STREAM_BUCKET_MIN, per_octave=1, multiple=1)
+
+
 def stream_bucket(num_frames: int) -> int:
     """Padded chunk length: the next power of two, at least 16 (one compile per bucket)."""
-    return max(16, 1 << max(0, int(num_frames) - 1).bit_length())
+    return geometric_bucket(num_frames, **STREAM_BUCKETS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,8 +649,8 @@ def hift_stream_push(params: Mapping[str, Any], state: HiftStreamState, mel_chun
       programs: run through this ``cosyjax.programs.ProgramCache`` (compiled ahead of time by warm-up).
 
     Returns:
-      (state, audio [B, n_out] numpy: cut on the host, a device slice would compile per length) with n_out the longest row's new sample count; shorter rows are
-      followed by zeros (``state.chunk_len`` [B] gives each row's count).  After M frames in total
+      (state, audio [B, n_out] numpy: cut on the host, a device slice would compile per length) with
+      n_out the longest row's new sample count; shorter rows are followed by zeros (``state.chunk_len`` [B] gives each row's count).  After M frames in total
       a row has emitted S * max(0, M - delay) samples in all, S * M once finalized.
 
     Raises:
@@ -724,14 +730,12 @@ def stream_programs(cfg: HiftConfig, params: Any, *, max_push_frames: int, batch
     ``hift_stream_init`` (buffers and keys give states of different shapes)."""
     precision, use64 = hift_numerics(policy)
     state = specs_of(hift_stream_init(cfg, batch, noise))
-    p, out, size = specs_of(params), [], stream_bucket(1)
-    while True:
+    p, out = specs_of(params), []
+    for size in bucket_table(max_push_frames, **STREAM_BUCKETS):
         args = (p, state, jax.ShapeDtypeStruct((batch, size, cfg.in_channels), jnp.float32),
                 jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.bool_))
         out.append((_stream_core, args, dict(cfg=cfg, precision=precision, f0_float64=use64)))
-        if size >= max_push_frames:
-            return out
-        size *= 2
+    return out
 
 
 def stream_output_samples(total_frames: int, cfg: HiftConfig, finalize: bool) -> int:
