@@ -137,11 +137,10 @@ class CompileCounter:
     Events on any thread count while the block runs (a server's engine thread compiles too).
     """
 
-    COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+    COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # one per executable built or loaded
     CACHE_LOAD_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
     TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
     LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
-    EVENTS = (COMPILE_EVENT,)  # the events that count as building one executable
 
     def __init__(self):
         self.count = 0
@@ -158,7 +157,7 @@ class CompileCounter:
 
     def _listener(self, name: str, duration: float, **kwargs: Any) -> None:
         with self._lock:
-            if name in self.EVENTS:
+            if name == self.COMPILE_EVENT:
                 self.count += 1
                 self.seconds += duration
             elif name == self.CACHE_LOAD_EVENT:
